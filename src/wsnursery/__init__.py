@@ -1,0 +1,43 @@
+"""wsnursery: WebSocket servers, handlers and clients for Trio, built on wsproto.
+
+A nursery owns the server, a nursery owns each connection, and nothing outlives
+the ``async with`` (or ``serve_*`` call) that started it.
+"""
+
+from __future__ import annotations
+
+from . import _mask
+from ._client import connect_websocket as connect_websocket
+from ._client import connect_websocket_url as connect_websocket_url
+from ._client import open_websocket as open_websocket
+from ._client import open_websocket_url as open_websocket_url
+from ._connection import WebSocketConnection as WebSocketConnection
+from ._exceptions import CloseCode as CloseCode
+from ._exceptions import CloseReason as CloseReason
+from ._exceptions import ConnectionClosed as ConnectionClosed
+from ._exceptions import ConnectionClosedError as ConnectionClosedError
+from ._exceptions import ConnectionClosedOK as ConnectionClosedOK
+from ._exceptions import ConnectionRejected as ConnectionRejected
+from ._exceptions import HandshakeError as HandshakeError
+from ._exceptions import HandshakeTimeout as HandshakeTimeout
+from ._exceptions import InvalidHandshake as InvalidHandshake
+from ._exceptions import TransportError as TransportError
+from ._exceptions import WebSocketError as WebSocketError
+from ._handshake import Headers as Headers
+from ._protocol import ProtocolState as ProtocolState
+from ._server import WebSocketRequest as WebSocketRequest
+from ._server import WebSocketServer as WebSocketServer
+from ._server import serve_websocket as serve_websocket
+
+__version__ = "0.1.0.dev0"
+
+_mask.install()
+
+# Public names report the public module, as trio's do.
+for _name, _obj in list(globals().items()):
+    if not _name.startswith("_") and getattr(_obj, "__module__", "").startswith("wsnursery._"):
+        try:
+            _obj.__module__ = "wsnursery"
+        except (AttributeError, TypeError):  # pragma: no cover
+            pass
+del _name, _obj

@@ -1,0 +1,78 @@
+"""The command line: ``python -m wsnursery echo ...``."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from ._server import WebSocketRequest, serve_websocket
+
+__all__ = ["main"]
+
+logger = logging.getLogger("wsnursery.cli")
+
+
+async def echo_handler(request: WebSocketRequest) -> None:
+    """Accept, then send every message back as it came (text as text)."""
+    conn = await request.accept()
+    async for message in conn:
+        await conn.send_message(message)
+
+
+async def _run_echo(args: argparse.Namespace) -> None:
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(
+            functools.partial(
+                serve_websocket,
+                echo_handler,
+                args.host,
+                args.port,
+                max_message_size=args.max_message_size,
+                compression=not args.no_compression,
+            )
+        )
+        print(
+            f"wsnursery echo server on ws://{args.host}:{server.port}/ (Ctrl-C to stop)",
+            flush=True,
+        )
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                print(f"got {signal.Signals(signum).name}; closing connections", flush=True)
+                break
+        await server.aclose()
+        nursery.cancel_scope.cancel()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wsnursery", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+    echo = commands.add_parser("echo", help="run an echo server")
+    echo.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    echo.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 for any)")
+    echo.add_argument(
+        "--max-message-size",
+        type=int,
+        default=16 * 2**20,
+        help="largest message accepted, in bytes (default 16 MiB)",
+    )
+    echo.add_argument(
+        "--no-compression", action="store_true", help="do not accept permessage-deflate"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``wsnursery`` and ``python -m wsnursery``."""
+    args = _parser().parse_args(argv)
+    level = logging.WARNING - 10 * args.verbose
+    logging.basicConfig(level=max(level, logging.DEBUG), format="%(asctime)s %(name)s %(message)s")
+    if args.command == "echo":
+        trio.run(_run_echo, args)
+    sys.exit(0)

@@ -1,0 +1,216 @@
+"""The client: connect, handshake, and a connection owned by a nursery."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from urllib.parse import urlsplit
+
+import trio
+
+from ._connection import WebSocketConnection, _shielded, _timeout
+from ._exceptions import CloseCode, HandshakeTimeout, TransportError
+from ._handshake import ClientHandshake, HeaderPairs
+from ._protocol import BoundedPerMessageDeflate, Protocol
+from ._util import collapse_exception_groups, stream_addresses
+
+__all__ = ["connect_websocket", "connect_websocket_url", "open_websocket", "open_websocket_url"]
+
+
+def _host_header(host: str, port: int, tls: bool) -> str:
+    name = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    return name if port == (443 if tls else 80) else f"{name}:{port}"
+
+
+def _parse_url(url: str) -> tuple[str, int, str, bool]:
+    split = urlsplit(url)
+    if split.scheme not in ("ws", "wss"):
+        raise ValueError(f"a WebSocket URL starts with ws:// or wss://, not {url!r}")
+    if not split.hostname:
+        raise ValueError(f"no host in {url!r}")
+    tls = split.scheme == "wss"
+    port = split.port or (443 if tls else 80)
+    resource = split.path or "/"
+    if split.query:
+        resource += "?" + split.query
+    return split.hostname, port, resource, tls
+
+
+async def connect_websocket(
+    nursery: trio.Nursery,
+    host: str,
+    port: int,
+    resource: str = "/",
+    *,
+    use_ssl: bool = False,
+    ssl_context: ssl.SSLContext | None = None,
+    subprotocols: Sequence[str] = (),
+    extra_headers: HeaderPairs = (),
+    # Limits
+    max_message_size: int | None = 2**20,
+    max_queue: int = 16,
+    # Timeouts
+    open_timeout: float | None = 10.0,
+    close_timeout: float | None = 10.0,
+    ping_interval: float | None = 20.0,
+    ping_timeout: float | None = 20.0,
+    # Features
+    compression: bool = True,
+) -> WebSocketConnection:
+    """Open a WebSocket connection whose background tasks run in ``nursery``.
+
+    The caller must close the connection (``await conn.aclose()``) before the
+    nursery can finish. Prefer :func:`open_websocket`, which does that.
+
+    Args:
+        nursery: Where the reader and keep-alive tasks run.
+        host: The server's host name or address.
+        port: The server's port.
+        resource: The path and query to request (``/chat?room=1``).
+        use_ssl: Connect with TLS (``wss``), verifying with the default
+            trust store unless ``ssl_context`` is given.
+        ssl_context: The client-side TLS context; implies TLS.
+        subprotocols: Subprotocols to propose, in order of preference.
+        extra_headers: More request headers (``Origin``, ``Authorization``...).
+        max_message_size: Largest incoming message in bytes (1009 past it).
+        max_queue: Messages received and not yet read before reading pauses.
+        open_timeout: Seconds for TCP, TLS and the handshake together.
+        close_timeout: Seconds to wait for the closing handshake.
+        ping_interval: Seconds between keep-alive pings; None disables them.
+        ping_timeout: Seconds to wait for a pong before closing with 1011.
+        compression: Offer permessage-deflate.
+
+    Raises:
+        TransportError: TCP or TLS failed (cause kept).
+        ConnectionRejected: the server answered with an HTTP error.
+        InvalidHandshake: the server's answer broke RFC 6455.
+        HandshakeTimeout: ``open_timeout`` ran out.
+
+    Cancellation:
+        Nothing is left open: a half-made connection is closed.
+    """
+    tls = use_ssl or ssl_context is not None
+    extensions = [BoundedPerMessageDeflate(max_message_size=max_message_size)] if compression else []
+    handshake = ClientHandshake(
+        _host_header(host, port, tls),
+        resource,
+        subprotocols=subprotocols,
+        extensions=extensions,
+        extra_headers=extra_headers,
+    )
+    stream: trio.abc.Stream | None = None
+    try:
+        with trio.fail_after(_timeout(open_timeout)):
+            try:
+                stream = await trio.open_tcp_stream(host, port)
+                if tls:
+                    context = ssl_context or ssl.create_default_context()
+                    stream = trio.SSLStream(
+                        stream, context, server_hostname=host, https_compatible=True
+                    )
+                    await stream.do_handshake()
+                await stream.send_all(handshake.request())
+                while not handshake.receive_data(await stream.receive_some(65536)):
+                    pass
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                if isinstance(exc, ssl.SSLError | ssl.CertificateError):
+                    raise TransportError(f"TLS handshake with {host}:{port} failed: {exc}") from exc
+                raise TransportError(f"cannot connect to {host}:{port}: {exc}") from exc
+    except trio.TooSlowError as exc:
+        if stream is not None:
+            await trio.aclose_forcefully(stream)
+        raise HandshakeTimeout(f"opening handshake with {host}:{port} took over {open_timeout} s") from exc
+    except BaseException:
+        if stream is not None:
+            await trio.aclose_forcefully(stream)
+        raise
+    local, remote = stream_addresses(stream)
+    conn = WebSocketConnection(
+        stream,
+        Protocol(
+            client=True,
+            extensions=handshake.accepted_extensions,
+            max_message_size=max_message_size,
+        ),
+        path=resource.split("?", 1)[0],
+        request_headers=handshake.request_headers(),
+        response_headers=handshake.response_headers,
+        subprotocol=handshake.subprotocol,
+        trailing_data=handshake.trailing_data,
+        max_queue=max_queue,
+        ping_interval=ping_interval,
+        ping_timeout=ping_timeout,
+        close_timeout=close_timeout,
+        local=local,
+        remote=remote,
+    )
+    conn._start(nursery)
+    return conn
+
+
+async def connect_websocket_url(
+    nursery: trio.Nursery, url: str, **kwargs: object
+) -> WebSocketConnection:
+    """:func:`connect_websocket` with a ``ws://`` or ``wss://`` URL.
+
+    Takes the same keyword arguments. Cancellation: as for
+    :func:`connect_websocket`.
+    """
+    host, port, resource, tls = _parse_url(url)
+    return await connect_websocket(
+        nursery, host, port, resource, use_ssl=tls, **kwargs  # type: ignore[arg-type]
+    )
+
+
+@asynccontextmanager
+async def open_websocket(
+    host: str,
+    port: int,
+    resource: str = "/",
+    **kwargs: object,
+) -> AsyncIterator[WebSocketConnection]:
+    """Open a WebSocket connection for the ``async with`` block, then close it.
+
+    Takes the keyword arguments of :func:`connect_websocket`. Leaving the block
+    normally closes with 1000; leaving it by an exception closes with 1011, by
+    cancellation with 1001, waiting at most ``close_timeout`` for the peer.
+    The block's exception comes out as itself, never inside an ExceptionGroup.
+
+    Raises:
+        HandshakeError, TransportError: as :func:`connect_websocket`.
+
+    Cancellation:
+        The connection is closed (1001) before the cancellation goes on.
+    """
+    with collapse_exception_groups():
+        async with trio.open_nursery() as nursery:
+            conn = await connect_websocket(nursery, host, port, resource, **kwargs)  # type: ignore[arg-type]
+            code = CloseCode.NORMAL_CLOSURE
+            try:
+                yield conn
+            except trio.Cancelled:
+                code = CloseCode.GOING_AWAY
+                raise
+            except BaseException:
+                code = CloseCode.INTERNAL_ERROR
+                raise
+            finally:
+                await _shielded(conn.aclose(code))
+                nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def open_websocket_url(url: str, **kwargs: object) -> AsyncIterator[WebSocketConnection]:
+    """:func:`open_websocket` with a ``ws://`` or ``wss://`` URL.
+
+    ``ssl_context`` applies to ``wss://`` URLs; without it the default trust
+    store verifies the server.
+
+    Cancellation:
+        As for :func:`open_websocket`.
+    """
+    host, port, resource, tls = _parse_url(url)
+    async with open_websocket(host, port, resource, use_ssl=tls, **kwargs) as conn:
+        yield conn
+

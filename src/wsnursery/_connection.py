@@ -1,0 +1,617 @@
+"""A WebSocket connection over a trio stream.
+
+Theory of operation
+-------------------
+One *reader task* per connection reads the transport, feeds the sans-I/O
+:class:`~wsnursery._protocol.Protocol`, writes what it must answer at once
+(pongs, the close echo) and wakes whoever waits: ``get_message`` callers, ``ping``
+callers waiting for their pong, ``aclose`` waiting for the closing handshake.
+A *keep-alive task* pings every ``ping_interval``. Both live in a nursery the
+caller provides (the server's per-connection nursery, or the one
+``open_websocket`` opens), and neither ever raises: a failure is recorded as the
+close reason and ends the connection.
+
+Receiving is bounded: when ``max_queue`` messages wait unread, the reader stops
+reading the socket, so TCP flow control slows the peer down. Frames that came in
+the same read as the message that filled the queue (pings, the close frame) are
+still answered.
+
+Sending frames a message and writes it in the caller's task. On a plain TCP
+socket the write is a non-blocking ``send()``; only when the kernel buffer is full
+does the caller wait (for writability), holding a FIFO lock so that frames never
+interleave. A send cancelled after part of a frame went out leaves the
+connection BROKEN and closed: the stream cannot be resynchronised.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket as _stdlib_socket
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import trio
+from trio.lowlevel import (
+    ParkingLot,
+    cancel_shielded_checkpoint,
+    checkpoint,
+    checkpoint_if_cancelled,
+    wait_readable,
+    wait_writable,
+)
+
+from ._exceptions import CloseCode, CloseReason, ConnectionClosed
+from ._protocol import Message, Protocol, ProtocolState
+
+if TYPE_CHECKING:
+    from ._handshake import Headers
+
+__all__ = ["WebSocketConnection"]
+
+logger = logging.getLogger("wsnursery.connection")
+
+_OPEN = ProtocolState.OPEN
+_READ_SIZE = 65536
+# Yield to the scheduler at least once every this many calls that did not
+# block, so a tight send or receive loop cannot starve other tasks.
+_YIELD_EVERY = 16
+# One receive buffer shared by every connection in the process: each recv_into
+# is followed by Protocol.receive_data (which copies) with no await between.
+_SHARED_BUFFER = bytearray(_READ_SIZE)
+_SHARED_VIEW = memoryview(_SHARED_BUFFER)
+
+_TRANSPORT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+class _Transport:
+    """Moves bytes for a connection over any :class:`trio.abc.Stream`."""
+
+    __slots__ = ("stream",)
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+
+    async def receive(self) -> bytes | bytearray | memoryview:
+        return await self.stream.receive_some(_READ_SIZE)
+
+    async def send(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    def try_send(self, data: bytes) -> int:
+        """Write what fits without blocking; the generic path writes nothing."""
+        return 0
+
+    def detach(self) -> None:
+        pass
+
+
+class _SocketTransport(_Transport):
+    """The fast path for :class:`trio.SocketStream`: non-blocking syscalls.
+
+    A second, detached stdlib socket object on the same file descriptor makes
+    the plain ``recv_into``/``send`` calls; trio keeps ownership of the
+    descriptor and closes it. Waiting uses ``wait_readable``/``wait_writable``,
+    which ``SocketStream.aclose`` interrupts with ``ClosedResourceError``.
+    """
+
+    __slots__ = ("sock",)
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        super().__init__(stream)
+        trio_sock = stream.socket
+        self.sock: _stdlib_socket.socket | None = _stdlib_socket.socket(
+            trio_sock.family, trio_sock.type, trio_sock.proto, fileno=trio_sock.fileno()
+        )
+        self.sock.setblocking(False)
+
+    async def receive(self) -> bytes | bytearray | memoryview:
+        while True:
+            sock = self.sock
+            if sock is None:
+                raise trio.ClosedResourceError("connection closed")
+            try:
+                n = sock.recv_into(_SHARED_BUFFER)
+            except BlockingIOError:
+                await wait_readable(sock)
+                continue
+            return _SHARED_VIEW[:n]
+
+    def try_send(self, data: bytes) -> int:
+        sock = self.sock
+        if sock is None:
+            raise trio.ClosedResourceError("connection closed")
+        try:
+            return sock.send(data)
+        except BlockingIOError:
+            return 0
+
+    async def send(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            sock = self.sock
+            if sock is None:
+                raise trio.ClosedResourceError("connection closed")
+            await wait_writable(sock)
+            view = view[self.try_send(view):]  # type: ignore[arg-type]
+
+    def detach(self) -> None:
+        if self.sock is not None:
+            self.sock.detach()
+            self.sock = None
+
+
+def _make_transport(stream: trio.abc.Stream) -> _Transport:
+    if type(stream) is trio.SocketStream and isinstance(stream.socket, trio.socket.SocketType):
+        try:
+            return _SocketTransport(stream)
+        except (OSError, AttributeError):  # pragma: no cover - exotic socket types
+            pass
+    return _Transport(stream)
+
+
+class WebSocketConnection(trio.abc.AsyncResource):
+    """An open WebSocket connection (either side).
+
+    Made by the server when a handler accepts a request, and by
+    :func:`open_websocket` / :func:`connect_websocket` on the client side; not
+    created directly. Use it as an async iterator to receive messages until the
+    peer closes normally::
+
+        async for message in conn:
+            await conn.send_message(message)
+
+    Attributes:
+        path: The request target's path (``/chat``).
+        query: The request's query parameters (first value of each name).
+        request_headers: The upgrade request's headers.
+        response_headers: The 101 response's headers.
+        subprotocol: The negotiated subprotocol, or None.
+        extensions: The negotiated extensions (wsproto objects).
+        local: The local address (``(host, port)`` for TCP), or None.
+        remote: The peer's address, or None for a stream with no address.
+    """
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        protocol: Protocol,
+        *,
+        path: str,
+        query: dict[str, str] | None = None,
+        request_headers: Headers,
+        response_headers: Headers,
+        subprotocol: str | None,
+        trailing_data: bytes = b"",
+        max_queue: int = 16,
+        ping_interval: float | None = 20.0,
+        ping_timeout: float | None = 20.0,
+        close_timeout: float | None = 10.0,
+        local: Any = None,
+        remote: Any = None,
+    ) -> None:
+        if max_queue < 1:
+            raise ValueError("max_queue must be at least 1")
+        self._stream = stream
+        self._transport = _make_transport(stream)
+        self._proto = protocol
+        self.path = path
+        self.query = dict(query or {})
+        self.request_headers = request_headers
+        self.response_headers = response_headers
+        self.subprotocol = subprotocol
+        self.extensions = list(protocol.extensions)
+        self.local = local
+        self.remote = remote
+        self._max_queue = max_queue
+        self._ping_interval = ping_interval
+        self._ping_timeout = ping_timeout
+        self._close_timeout = close_timeout
+        self._trailing = trailing_data
+        self._message_lot = ParkingLot()
+        self._room_lot = ParkingLot()
+        self._send_lock = trio.StrictFIFOLock()
+        self._pings: dict[bytes, trio.Event] = {}
+        self._finished = trio.Event()
+        self._transport_closed = False
+        self._reader_paused = False
+        self._paused_during_ping = False
+        self._calls_since_yield = 0
+
+    def __repr__(self) -> str:
+        side = "client" if self._proto.client else "server"
+        return f"<WebSocketConnection {side} {self.path!r} state={self._proto.state.name}>"
+
+    # -- state ---------------------------------------------------------------
+
+    @property
+    def is_client(self) -> bool:
+        """True on the client side of the connection."""
+        return self._proto.client
+
+    @property
+    def closed(self) -> CloseReason | None:
+        """Why the connection closed, or None while it is open or closing."""
+        return self._proto.closed if self._finished.is_set() else None
+
+    @property
+    def state(self) -> ProtocolState:
+        """OPEN, CLOSING, CLOSED or BROKEN (see :class:`ProtocolState`)."""
+        return self._proto.state
+
+    # -- background tasks ----------------------------------------------------
+
+    def _start(self, nursery: trio.Nursery) -> None:
+        """Start the reader and keep-alive tasks in ``nursery``."""
+        nursery.start_soon(self._reader, name=f"wsnursery reader {self.remote}")
+        if self._ping_interval is not None:
+            nursery.start_soon(self._keepalive, name=f"wsnursery keep-alive {self.remote}")
+
+    async def _reader(self) -> None:
+        proto = self._proto
+        transport = self._transport
+        try:
+            if self._trailing:
+                proto.receive_data(self._trailing)
+                self._trailing = b""
+                await self._after_receive()
+            while not self._transport_closed:
+                if proto.state is ProtocolState.CLOSED and not proto.transport_should_close:
+                    # The client waits for the server to close TCP (RFC 6455
+                    # 7.1.1), but not for longer than close_timeout.
+                    await self._wait_for_eof()
+                    break
+                if len(proto.messages) >= self._max_queue:
+                    self._reader_paused = self._paused_during_ping = True
+                    await self._room_lot.park()
+                    self._reader_paused = False
+                    continue
+                data = await transport.receive()
+                proto.receive_data(data)
+                await self._after_receive()
+        except _TRANSPORT_ERRORS as exc:
+            if not self._transport_closed:
+                logger.debug("transport failed: %r", exc)
+                proto.fail(CloseCode.ABNORMAL_CLOSURE, f"transport failed: {exc!r}")
+        finally:
+            # Cancelled or done: the connection ends with this task.
+            await self._close_transport()
+
+    async def _wait_for_eof(self) -> None:
+        with trio.move_on_after(_timeout(self._close_timeout)):
+            while await self._transport.receive():
+                pass
+
+    async def _after_receive(self) -> None:
+        proto = self._proto
+        out = proto.data_to_send()
+        if out:
+            try:
+                await self._write(out)
+            except ConnectionClosed:
+                pass
+        if proto.messages:
+            self._message_lot.unpark_all()
+        if proto.pongs:
+            self._ack_pongs()
+        if proto.transport_should_close:
+            await self._close_transport()
+
+    def _ack_pongs(self) -> None:
+        # A pong acknowledges its ping and every ping sent before it.
+        while self._proto.pongs:
+            payload = self._proto.pongs.popleft()
+            if payload not in self._pings:
+                continue  # unsolicited pong: allowed, ignored
+            for key in list(self._pings):
+                self._pings.pop(key).set()
+                if key == payload:
+                    break
+
+    async def _keepalive(self) -> None:
+        assert self._ping_interval is not None
+        try:
+            while True:
+                await trio.sleep(self._ping_interval)
+                if self._proto.state is not _OPEN:
+                    return
+                if self._reader_paused:
+                    continue  # the peer fills our queue: it is alive
+                self._paused_during_ping = False
+                with trio.move_on_after(_timeout(self._ping_timeout)) as scope:
+                    await self.ping()
+                if scope.cancelled_caught and not self._paused_during_ping:
+                    logger.info("keep-alive ping timeout on %s; closing", self.remote)
+                    await self._fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+                    return
+        except ConnectionClosed:
+            return
+
+    async def _fail(self, code: int, reason: str) -> None:
+        """Fail the connection: send a close frame (best effort) and drop TCP."""
+        self._proto.fail(code, reason)
+        out = self._proto.data_to_send()
+        if out and not self._transport_closed:
+            with trio.move_on_after(_timeout(self._close_timeout)):
+                try:
+                    await self._write(out)
+                except ConnectionClosed:
+                    pass
+        await self._close_transport()
+
+    async def _close_transport(self) -> None:
+        """Close the stream and wake every waiter. Idempotent; never blocks long."""
+        if self._transport_closed:
+            return
+        self._transport_closed = True
+        proto = self._proto
+        if proto.closed is None:
+            proto.fail(CloseCode.ABNORMAL_CLOSURE, "connection closed")
+            proto.data_to_send()
+        self._transport.detach()
+        await trio.aclose_forcefully(self._stream)
+        self._finished.set()
+        self._message_lot.unpark_all()
+        self._room_lot.unpark_all()
+        for event in self._pings.values():
+            event.set()  # ping() sees its payload still registered: closed
+
+    # -- writing -------------------------------------------------------------
+
+    async def _write(self, data: bytes) -> None:
+        """Write bytes already framed (pongs, close frames) in order with the rest."""
+        await self._send_frame(bytes, data)
+
+    async def _send_frame(self, make_frame: Callable[[Any], bytes], arg: Any) -> None:
+        """Frame with ``make_frame(arg)`` and write it, in order with every other frame.
+
+        Framing happens only once it is this frame's turn to be written: a
+        compressed frame must go out in the order it was compressed.
+
+        Raises:
+            ConnectionClosed: the transport is closed or failed.
+        """
+        if self._transport_closed:
+            raise self._closed_error()
+        lock = self._send_lock
+        if not lock.locked():
+            data = make_frame(arg)
+            try:
+                sent = self._transport.try_send(data)
+            except _TRANSPORT_ERRORS as exc:
+                await self._send_broke(exc)
+            if sent == len(data):
+                return
+            lock.acquire_nowait()  # free: nothing was awaited since the check
+            try:
+                await self._transmit(data[sent:])
+            finally:
+                lock.release()
+            return
+        await lock.acquire()  # cancelled while queued: nothing framed, nothing lost
+        try:
+            if self._transport_closed:
+                raise self._closed_error()
+            await self._transmit(make_frame(arg))
+        finally:
+            lock.release()
+
+    async def _transmit(self, data: bytes) -> None:
+        try:
+            await self._transport.send(data)
+        except trio.Cancelled:
+            if not self._transport_closed:
+                # A frame is framed and maybe partly written: the stream is unusable.
+                self._proto.send_failed("send cancelled midway")
+                await _shielded(self._close_transport())
+            raise
+        except _TRANSPORT_ERRORS as exc:
+            await self._send_broke(exc)
+
+    async def _send_broke(self, exc: BaseException) -> NoReturn:
+        self._proto.send_failed(f"transport failed while sending: {exc!r}")
+        await _shielded(self._close_transport())
+        raise self._closed_error() from exc
+
+    def _closed_error(self) -> ConnectionClosed:
+        reason = self._proto.closed or CloseReason(
+            CloseCode.ABNORMAL_CLOSURE, "connection closed", initiated_by_peer=False
+        )
+        return ConnectionClosed.for_reason(reason)
+
+    async def _maybe_yield(self) -> None:
+        self._calls_since_yield += 1
+        if self._calls_since_yield >= _YIELD_EVERY:
+            self._calls_since_yield = 0
+            await cancel_shielded_checkpoint()
+
+    # -- public API ----------------------------------------------------------
+
+    async def send_message(self, message: str | bytes | bytearray | memoryview) -> None:
+        """Send a text (``str``) or binary (bytes-like) message.
+
+        Waits only while the transport cannot take more data (backpressure).
+        Frames from concurrent senders never interleave; they go out in the
+        order the calls reached the send lock.
+
+        Raises:
+            ConnectionClosed: the connection is closing or closed.
+            TypeError: ``message`` is neither str nor bytes-like.
+
+        Cancellation:
+            Cancelled before any byte went out, nothing is sent and the
+            connection stays usable. Cancelled with part of the frame written,
+            the connection is marked BROKEN and closed (close code 1006): a
+            half-sent frame cannot be taken back.
+        """
+        await checkpoint_if_cancelled()
+        if not isinstance(message, str | bytes | bytearray | memoryview):
+            raise TypeError(f"message must be str or bytes-like, not {type(message).__name__}")
+        proto = self._proto
+        if proto.state is not _OPEN or self._transport_closed:
+            raise self._closed_error()
+        await self._send_frame(self._frame_message, message)
+        await self._maybe_yield()
+
+    def _frame_message(self, message: Message) -> bytes:
+        if self._proto.state is not _OPEN:
+            # The connection started closing while this send waited its turn.
+            raise self._closed_error()
+        return self._proto.send_message(message)
+
+    async def get_message(self) -> Message:
+        """Return the next message: ``str`` for text, ``bytes`` for binary.
+
+        Raises:
+            ConnectionClosed: no message is left and the connection closed
+                (:exc:`ConnectionClosedOK` after a normal close).
+
+        Cancellation:
+            Nothing is lost: a message is only removed from the queue when
+            this call returns it.
+        """
+        await checkpoint_if_cancelled()
+        messages = self._proto.messages
+        while not messages:
+            if self._finished.is_set():
+                raise self._closed_error()
+            if self._proto.state is not _OPEN:
+                # Closing: no message will come; wait for the final reason
+                # (bounded by close_timeout in the reader).
+                await self._finished.wait()
+                continue
+            await self._message_lot.park()
+        message = messages.popleft()
+        if self._reader_paused and len(messages) < self._max_queue:
+            self._room_lot.unpark_all()
+        await self._maybe_yield()
+        return message
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Message]:
+        while True:
+            try:
+                message = await self.get_message()
+            except ConnectionClosed as exc:
+                if exc.reason.ok:
+                    return
+                raise
+            yield message
+
+    async def ping(self, payload: bytes | None = None) -> None:
+        """Send a ping and wait for the matching pong.
+
+        Args:
+            payload: At most 125 bytes; by default 4 random bytes. A payload
+                already in flight raises ValueError.
+
+        Raises:
+            ConnectionClosed: the connection closed before the pong came.
+
+        Cancellation:
+            The ping stays sent; a later pong for it is ignored.
+        """
+        await checkpoint_if_cancelled()
+        if payload is None:
+            payload = os.urandom(4)
+            while payload in self._pings:  # pragma: no cover - 1 in 2**32
+                payload = os.urandom(4)
+        elif payload in self._pings:
+            raise ValueError(f"a ping with payload {payload!r} is already waiting")
+        proto = self._proto
+        if proto.state is not _OPEN or self._transport_closed:
+            raise self._closed_error()
+        payload = bytes(payload)
+        event = self._pings[payload] = trio.Event()
+        try:
+            await self._send_frame(proto.send_ping, payload)
+            await event.wait()
+            if payload in self._pings:
+                # Woken by the connection closing, not by a pong.
+                raise self._closed_error()
+        finally:
+            self._pings.pop(payload, None)
+
+    async def pong(self, payload: bytes = b"") -> None:
+        """Send an unsolicited pong (a one-way heartbeat, RFC 6455 section 5.5.3).
+
+        Raises:
+            ConnectionClosed: the connection is closing or closed.
+
+        Cancellation:
+            As for :meth:`send_message`.
+        """
+        await checkpoint_if_cancelled()
+        if self._proto.state is not _OPEN or self._transport_closed:
+            raise self._closed_error()
+        await self._send_frame(self._proto.send_pong, bytes(payload))
+
+    async def aclose(self, code: int = 1000, reason: str = "") -> None:
+        """Close the connection with ``code`` and ``reason``, and wait until it is.
+
+        Sends a close frame, waits for the peer's (at most ``close_timeout``),
+        then closes the transport. Safe to call any number of times and from
+        several tasks; later calls wait for the first one to finish.
+
+        Args:
+            code: 1000 (normal), 1001 (going away), or an application code in
+                3000-4999.
+            reason: A short text (truncated to 123 bytes of UTF-8).
+
+        Cancellation:
+            The connection is still closed, at once and without waiting for
+            the peer (trio's :class:`~trio.abc.AsyncResource` promise).
+        """
+        _check_close_code(code)
+        try:
+            if self._finished.is_set():
+                await checkpoint()
+                return
+            out = self._proto.send_close(code, reason)
+            if out:
+                try:
+                    await self._write(out)
+                except ConnectionClosed:
+                    pass
+            with trio.move_on_after(_timeout(self._close_timeout)):
+                await self._finished.wait()
+        finally:
+            if not self._finished.is_set():
+                await _shielded(self._close_transport())
+
+    async def wait_closed(self) -> CloseReason:
+        """Wait until the connection is closed and return why.
+
+        Cancellation:
+            Only stops waiting; the connection is unaffected.
+        """
+        await self._finished.wait()
+        reason = self._proto.closed
+        assert reason is not None
+        return reason
+
+
+def _timeout(value: float | None) -> float:
+    return math.inf if value is None else value
+
+
+async def _shielded(awaitable: Any) -> None:
+    with trio.CancelScope(shield=True):
+        await awaitable
+
+
+def _check_close_code(code: int) -> None:
+    if code in (1000, 1001) or 3000 <= code <= 4999 or code in (1008, 1011, 1012, 1013, 1014):
+        return
+    if code in (1002, 1003, 1007, 1009, 1010):
+        return
+    raise ValueError(f"{code} is not a close code an endpoint may send")
+
+
+def format_close(reason: CloseReason | None) -> str:
+    """A short text for logs."""
+    return "open" if reason is None else str(reason)
+

@@ -1,0 +1,319 @@
+"""The WebSocket protocol after the handshake, with no I/O and no trio.
+
+Theory of operation
+-------------------
+wsproto's frame layer (:class:`wsproto.frame_protocol.FrameProtocol`) parses and
+serialises frames. It deliberately leaves several duties to its caller; this
+module owns all of them, in one place:
+
+* reassembling fragments into whole messages, with a size limit (1009);
+* answering pings with pongs, and echoing the peer's close frame;
+* turning every peer violation into the right close code: wsproto reports a bad
+  frame as ``ParseFailed`` with 1002 (protocol error) or 1007 (bad UTF-8), and we
+  add 1009 (message too big), including inside a compressed message;
+* end of file (``receive_data(b"")``): 1006 when no close frame came first;
+* a BROKEN state after a write that failed midway, so that no further frame is
+  ever produced on a stream that may hold half of one.
+
+The states, and what moves between them::
+
+    OPEN ──send_close()──────────────► CLOSING ──peer's close──► CLOSED
+      │                                   │
+      ├──peer's close (echoed)──────────► CLOSED
+      ├──bad frame / too big (close sent)► CLOSED   (fail the connection)
+      └──EOF────────────────────────────► CLOSED   (1006)
+    any state ──send_failed()──────────► BROKEN
+
+``transport_should_close`` says when the caller must close the TCP connection
+itself: at once after failing the connection, and on the server once the closing
+handshake is complete (RFC 6455 section 7.1.1: the server closes TCP first). A
+client waits for the server to close TCP, for at most the close timeout.
+"""
+
+from __future__ import annotations
+
+import enum
+import zlib
+from collections import deque
+from collections.abc import Sequence
+
+from wsproto.extensions import Extension, PerMessageDeflate
+from wsproto.frame_protocol import CloseReason as _WsprotoClose
+from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
+
+from ._exceptions import CloseCode, CloseReason
+
+__all__ = ["BoundedPerMessageDeflate", "Protocol", "ProtocolState"]
+
+Message = str | bytes
+
+_TEXT = Opcode.TEXT
+_BINARY = Opcode.BINARY
+_CONTINUATION = Opcode.CONTINUATION
+_PING = Opcode.PING
+_PONG = Opcode.PONG
+_CLOSE = Opcode.CLOSE
+
+
+class ProtocolState(enum.Enum):
+    """Where a :class:`Protocol` is in its life."""
+
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+    BROKEN = "broken"
+
+
+class BoundedPerMessageDeflate(PerMessageDeflate):
+    """permessage-deflate (RFC 7692) that refuses to inflate past a size limit.
+
+    wsproto inflates each chunk without a bound, so a few kilobytes of crafted
+    deflate data could expand into gigabytes. This subclass inflates with
+    ``max_length`` and reports 1009 as soon as a message grows past
+    ``max_message_size``.
+    """
+
+    def __init__(self, *args: object, max_message_size: int | None = None, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.max_message_size = max_message_size
+        self._inflated = 0
+
+    def frame_inbound_payload_data(
+        self, proto: object, data: bytes
+    ) -> bytes | _WsprotoClose:
+        if (
+            self.max_message_size is None
+            or not self._inbound_compressed
+            or not self._inbound_is_compressible
+        ):
+            return super().frame_inbound_payload_data(proto, data)  # type: ignore[arg-type]
+        decompressor = self._decompressor
+        assert decompressor is not None
+        # max_length=0 would mean "no limit": the budget is always at least 1.
+        budget = self.max_message_size - self._inflated + 1
+        try:
+            out = decompressor.decompress(data, budget)
+        except zlib.error:
+            return _WsprotoClose.INVALID_FRAME_PAYLOAD_DATA
+        self._inflated += len(out)
+        if decompressor.unconsumed_tail or self._inflated > self.max_message_size:
+            return _WsprotoClose.MESSAGE_TOO_BIG
+        return out
+
+    def frame_inbound_complete(self, proto: object, fin: bool) -> bytes | _WsprotoClose | None:
+        result = super().frame_inbound_complete(proto, fin)  # type: ignore[arg-type]
+        if fin:
+            self._inflated = 0
+        return result
+
+
+class Protocol:
+    """One side of an open WebSocket connection, as a synchronous state machine.
+
+    Feed it what the network delivered with :meth:`receive_data`, then take
+    whole messages from :attr:`messages`, pong payloads from :attr:`pongs` and
+    bytes to write from :meth:`data_to_send`. The ``send_*`` methods return the
+    bytes of the frame they made.
+
+    Args:
+        client: True for the client side (masks what it sends, expects unmasked
+            frames), False for the server side.
+        extensions: Negotiated wsproto extensions (permessage-deflate).
+        max_message_size: The largest message accepted, in bytes after
+            decompression (text counts its UTF-8 bytes). A larger one fails the
+            connection with 1009. None means no limit.
+    """
+
+    def __init__(
+        self,
+        *,
+        client: bool,
+        extensions: Sequence[Extension] = (),
+        max_message_size: int | None = 2**20,
+    ) -> None:
+        self.client = client
+        self.max_message_size = max_message_size
+        self.extensions = list(extensions)
+        self._proto = FrameProtocol(client, self.extensions)
+        self.state = ProtocolState.OPEN
+        #: Whole messages received and not yet taken, oldest first.
+        self.messages: deque[Message] = deque()
+        #: Payloads of the pongs received and not yet taken.
+        self.pongs: deque[bytes] = deque()
+        #: Number of pings received (and answered).
+        self.pings_received = 0
+        #: The close frame we sent, if any.
+        self.close_sent: CloseReason | None = None
+        #: The close frame the peer sent, if any.
+        self.close_received: CloseReason | None = None
+        #: Why the connection closed, once it has (see :class:`CloseReason`).
+        self.closed: CloseReason | None = None
+        #: True once the caller should close the transport now.
+        self.transport_should_close = False
+        self._out = bytearray()
+        self._parts: list[Message] = []
+        self._size = 0
+
+    # -- receiving -----------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Process bytes from the network; ``b""`` means end of file.
+
+        Never raises for anything the peer sent: violations fail the
+        connection (close frame queued, :attr:`closed` set, state CLOSED).
+        Data arriving after the connection closed is ignored.
+        """
+        state = self.state
+        if state is ProtocolState.CLOSED or state is ProtocolState.BROKEN:
+            return
+        if not data:
+            self._receive_eof()
+            return
+        proto = self._proto
+        proto.receive_bytes(data)  # type: ignore[arg-type]
+        try:
+            for frame in proto.received_frames():
+                opcode = frame.opcode
+                if opcode is _TEXT or opcode is _BINARY:
+                    payload = frame.payload
+                    if frame.message_finished and not self._parts:
+                        # The common case: a whole message in one frame.
+                        if self.max_message_size is not None and self._too_big(payload):
+                            return
+                        if self.state is ProtocolState.OPEN:
+                            self.messages.append(payload)  # type: ignore[arg-type]
+                        continue
+                    self._parts.append(payload)  # type: ignore[arg-type]
+                    if self.max_message_size is not None and self._too_big(payload):
+                        return
+                    if frame.message_finished:
+                        parts, self._parts, self._size = self._parts, [], 0
+                        if self.state is ProtocolState.OPEN:
+                            joiner = "" if isinstance(parts[0], str) else b""
+                            self.messages.append(joiner.join(parts))  # type: ignore[attr-defined]
+                elif opcode is _PING:
+                    self.pings_received += 1
+                    if self.state is ProtocolState.OPEN:
+                        self._out += proto.pong(frame.payload)  # type: ignore[arg-type]
+                elif opcode is _PONG:
+                    self.pongs.append(bytes(frame.payload))  # type: ignore[arg-type]
+                elif opcode is _CLOSE:
+                    code, reason = frame.payload  # type: ignore[misc]
+                    self._receive_close(int(code), reason)
+                    return
+        except ParseFailed as exc:
+            self.fail(int(exc.code), str(exc))
+
+    def _too_big(self, payload: Message) -> bool:
+        """Count a fragment against max_message_size; fail the connection past it."""
+        if isinstance(payload, str) and not payload.isascii():
+            self._size += len(payload.encode("utf-8"))
+        else:
+            self._size += len(payload)
+        assert self.max_message_size is not None
+        if self._size > self.max_message_size:
+            self._parts = []
+            self.fail(CloseCode.MESSAGE_TOO_BIG, f"message larger than {self.max_message_size} bytes")
+            return True
+        if not self._parts:
+            self._size = 0
+        return False
+
+    def _receive_close(self, code: int, reason: str) -> None:
+        self.close_received = CloseReason(code, reason, initiated_by_peer=True)
+        if self.state is ProtocolState.OPEN:
+            # RFC 6455 section 5.5.1: reply with a close frame, echoing the code.
+            self._out += self._proto.close(code)
+            self.close_sent = CloseReason(code, "", initiated_by_peer=True)
+            self.closed = self.close_received
+        else:  # CLOSING: this answers the close we sent.
+            assert self.close_sent is not None
+            self.closed = self.close_sent
+        self.state = ProtocolState.CLOSED
+        if not self.client:
+            self.transport_should_close = True
+
+    def _receive_eof(self) -> None:
+        if self.closed is None:
+            # No close frame: "_The WebSocket Connection Close Code_ is 1006".
+            if self.state is ProtocolState.CLOSING:
+                reason = "connection lost before the closing handshake finished"
+            else:
+                reason = "connection lost without a close frame"
+            self.closed = CloseReason(CloseCode.ABNORMAL_CLOSURE, reason, initiated_by_peer=True)
+        self.state = ProtocolState.CLOSED
+        self.transport_should_close = True
+
+    # -- sending -------------------------------------------------------------
+
+    def send_message(self, message: Message) -> bytes:
+        """Return the frame for a text (str) or binary (bytes-like) message.
+
+        Raises:
+            RuntimeError: if the state is not OPEN.
+        """
+        if self.state is not ProtocolState.OPEN:
+            raise RuntimeError(f"cannot send a message in state {self.state.name}")
+        return self._proto.send_data(message, True)  # type: ignore[return-value]
+
+    def send_ping(self, payload: bytes = b"") -> bytes:
+        """Return a ping frame (payload at most 125 bytes)."""
+        if self.state is not ProtocolState.OPEN:
+            raise RuntimeError(f"cannot send a ping in state {self.state.name}")
+        if len(payload) > 125:
+            raise ValueError("a ping payload is at most 125 bytes")
+        return self._proto.ping(payload)  # type: ignore[return-value]
+
+    def send_pong(self, payload: bytes = b"") -> bytes:
+        """Return an unsolicited pong frame (payload at most 125 bytes)."""
+        if self.state is not ProtocolState.OPEN:
+            raise RuntimeError(f"cannot send a pong in state {self.state.name}")
+        if len(payload) > 125:
+            raise ValueError("a pong payload is at most 125 bytes")
+        return self._proto.pong(payload)  # type: ignore[return-value]
+
+    def send_close(self, code: int = 1000, reason: str = "") -> bytes:
+        """Start the closing handshake and return the close frame.
+
+        In any state but OPEN this does nothing and returns ``b""``.
+        """
+        if self.state is not ProtocolState.OPEN:
+            return b""
+        self.state = ProtocolState.CLOSING
+        self.close_sent = CloseReason(code, reason, initiated_by_peer=False)
+        return self._proto.close(code, reason or None)  # type: ignore[return-value]
+
+    def fail(self, code: int, reason: str = "") -> None:
+        """Fail the connection (RFC 6455 section 7.1.7).
+
+        Queues a close frame with ``code`` if none was sent yet, marks the
+        connection CLOSED and asks for the transport to be closed at once.
+        """
+        if self.state is ProtocolState.CLOSED or self.state is ProtocolState.BROKEN:
+            return
+        if self.state is ProtocolState.OPEN:
+            self._out += self._proto.close(code, reason or None)
+            self.close_sent = CloseReason(code, reason, initiated_by_peer=False)
+        if self.closed is None:
+            self.closed = CloseReason(code, reason, initiated_by_peer=False)
+        self.state = ProtocolState.CLOSED
+        self.transport_should_close = True
+
+    def send_failed(self, reason: str = "transport failed while sending") -> None:
+        """Record that a write broke midway: the stream may hold half a frame.
+
+        The state becomes BROKEN and nothing more is ever sent.
+        """
+        if self.closed is None:
+            self.closed = CloseReason(CloseCode.ABNORMAL_CLOSURE, reason, initiated_by_peer=False)
+        self.state = ProtocolState.BROKEN
+        self.transport_should_close = True
+        self._out.clear()
+
+    def data_to_send(self) -> bytes:
+        """Return and forget the bytes the protocol queued (pongs, close frames)."""
+        if not self._out:
+            return b""
+        out = bytes(self._out)
+        self._out.clear()
+        return out

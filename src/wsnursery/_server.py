@@ -1,0 +1,509 @@
+"""The server: listeners, the handshake, one nursery per connection, graceful shutdown.
+
+The nursery tree (see ``docs/topics/design.rst``)::
+
+    WebSocketServer.run()
+    ├─ cancel watcher              turns the caller's cancellation into a graceful stop
+    └─ server nursery (shielded)   shielded so that a stop can still send 1001 frames
+       ├─ accept loop per listener
+       └─ _handle_stream per client
+          └─ connection nursery
+             ├─ reader task, keep-alive task
+             └─ the handler (this task), then aclose()
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import trio
+
+from ._connection import WebSocketConnection
+from ._exceptions import CloseCode, CloseReason, ConnectionClosed
+from ._handshake import Headers, HeaderPairs, HTTPError, RequestHead, ServerHandshake
+from ._protocol import BoundedPerMessageDeflate, Protocol
+from ._util import collapse_exception_groups, stream_addresses
+
+__all__ = ["WebSocketRequest", "WebSocketServer", "serve_websocket"]
+
+logger = logging.getLogger("wsnursery.server")
+
+Handler = Callable[["WebSocketRequest"], Awaitable[None]]
+
+
+class WebSocketRequest:
+    """A WebSocket upgrade request waiting for the handler's decision.
+
+    The handler calls :meth:`accept` (and gets a :class:`WebSocketConnection`)
+    or :meth:`reject`, once.
+
+    Attributes:
+        method: Always ``"GET"`` for a request that reaches a handler.
+        target: The raw request target (``/chat?room=1``).
+        path: The target's path.
+        query: The target's query parameters (first value of each name).
+        headers: The request headers (:class:`Headers`, case-insensitive).
+        subprotocols: The subprotocols the client proposed, in order.
+        local: The server's address for this connection.
+        remote: The client's address.
+    """
+
+    def __init__(
+        self,
+        server: WebSocketServer,
+        stream: trio.abc.Stream,
+        handshake: ServerHandshake,
+        nursery: trio.Nursery,
+    ) -> None:
+        head = handshake.head
+        assert head is not None
+        self._server = server
+        self._stream = stream
+        self._handshake = handshake
+        self._nursery = nursery
+        self._head: RequestHead = head
+        self.method = head.method
+        self.target = head.target
+        self.path = head.path
+        self.query = head.query
+        self.headers: Headers = head.headers
+        self.subprotocols = head.subprotocols
+        self.local, self.remote = stream_addresses(stream)
+        self.connection: WebSocketConnection | None = None
+        self._answered = False
+        self._open_scope: trio.CancelScope | None = None
+
+    @property
+    def extensions(self) -> list[str]:
+        """The raw ``Sec-WebSocket-Extensions`` offers of the client."""
+        return self._head.extension_offers
+
+    def __repr__(self) -> str:
+        return f"<WebSocketRequest {self.target!r} from {self.remote}>"
+
+    async def accept(
+        self,
+        *,
+        subprotocol: str | None = None,
+        extra_headers: HeaderPairs = (),
+    ) -> WebSocketConnection:
+        """Complete the handshake with 101 Switching Protocols.
+
+        Args:
+            subprotocol: One of :attr:`subprotocols`, or None for none.
+            extra_headers: More response headers (``Set-Cookie``...).
+
+        Returns:
+            The open connection. It lives in the connection's nursery and is
+            closed (1000) when the handler returns.
+
+        Raises:
+            ConnectionClosed: the server is shutting down (the client got 503)
+                or the client went away during the handshake.
+            RuntimeError: the request was already accepted or rejected.
+            ValueError: ``subprotocol`` was not proposed by the client.
+
+        Cancellation:
+            If cancelled while the 101 response is being written, the client
+            may hold half a response: the connection is closed.
+        """
+        if self._answered:
+            raise RuntimeError("this request was already answered")
+        server = self._server
+        if server._stopping:
+            await self.reject(503, body="server shutting down")
+            raise ConnectionClosed.for_reason(_going_away())
+        self._answered = True
+        extensions = (
+            [BoundedPerMessageDeflate(max_message_size=server.max_message_size)]
+            if server.compression
+            else []
+        )
+        response, enabled = self._handshake.accept(
+            subprotocol=subprotocol, extensions=extensions, extra_headers=extra_headers
+        )
+        try:
+            await self._stream.send_all(response)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise ConnectionClosed.for_reason(_lost()) from exc
+        if self._open_scope is not None:
+            self._open_scope.deadline = math.inf  # the open_timeout no longer applies
+        conn = WebSocketConnection(
+            self._stream,
+            Protocol(client=False, extensions=enabled, max_message_size=server.max_message_size),
+            path=self.path,
+            query=self.query,
+            request_headers=self.headers,
+            response_headers=Headers(),
+            subprotocol=subprotocol,
+            trailing_data=self._handshake.trailing_data,
+            max_queue=server.max_queue,
+            ping_interval=server.ping_interval,
+            ping_timeout=server.ping_timeout,
+            close_timeout=server.close_timeout,
+            local=self.local,
+            remote=self.remote,
+        )
+        self.connection = conn
+        conn._start(self._nursery)
+        server._connections.add(conn)
+        logger.debug("accepted %s from %s", self.path, self.remote)
+        return conn
+
+    async def reject(
+        self,
+        status: int,
+        *,
+        headers: HeaderPairs = (),
+        body: bytes | str = b"",
+    ) -> None:
+        """Refuse the upgrade with an HTTP response and close the connection.
+
+        Args:
+            status: An HTTP status from 400 to 599 (or 2xx/3xx, e.g. a redirect).
+            headers: Response headers.
+            body: The response body (str is sent as UTF-8 text/plain).
+
+        Cancellation:
+            The connection is closed either way.
+        """
+        if self._answered:
+            raise RuntimeError("this request was already answered")
+        self._answered = True
+        logger.info("rejected %s from %s with %d", self.path, self.remote, status)
+        await self._server._send_http(
+            self._stream, self._handshake.reject(status, headers=headers, body=body)
+        )
+
+
+def _going_away() -> CloseReason:
+    return CloseReason(CloseCode.GOING_AWAY, "server shutting down", initiated_by_peer=False)
+
+
+def _lost() -> CloseReason:
+    return CloseReason(CloseCode.ABNORMAL_CLOSURE, "client went away during the handshake")
+
+
+class WebSocketServer:
+    """A WebSocket server: listeners, a handler, and every connection it holds.
+
+    Usually made and run by :func:`serve_websocket`. :meth:`run` serves until
+    cancelled or until :meth:`aclose` is called; either way every open
+    connection is closed with 1001 first.
+
+    Attributes:
+        listeners: The trio listeners accepting connections.
+    """
+
+    def __init__(
+        self,
+        handler: Handler,
+        listeners: Sequence[trio.abc.Listener[Any]],
+        *,
+        # Limits
+        max_message_size: int | None = 2**20,
+        max_queue: int = 16,
+        max_connections: int | None = 4096,
+        max_request_line: int = 8192,
+        max_header_line: int = 8192,
+        max_headers: int = 128,
+        # Timeouts
+        open_timeout: float | None = 10.0,
+        close_timeout: float | None = 10.0,
+        ping_interval: float | None = 20.0,
+        ping_timeout: float | None = 20.0,
+        # Features
+        compression: bool = True,
+    ) -> None:
+        self.handler = handler
+        self.listeners = list(listeners)
+        self.max_message_size = max_message_size
+        self.max_queue = max_queue
+        self.max_connections = max_connections
+        self.max_request_line = max_request_line
+        self.max_header_line = max_header_line
+        self.max_headers = max_headers
+        self.open_timeout = open_timeout
+        self.close_timeout = close_timeout
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.compression = compression
+        self._connections: set[WebSocketConnection] = set()
+        self._handling = 0
+        self._stopping = False
+        self._stop_requested = trio.Event()
+        self._stopped = trio.Event()
+        self._idle = trio.Event()
+
+    @property
+    def port(self) -> int:
+        """The TCP port of the first listener (handy after binding port 0)."""
+        for listener in self.listeners:
+            inner: Any = listener
+            while isinstance(inner, trio.SSLListener):
+                inner = inner.transport_listener
+            sock = getattr(inner, "socket", None)
+            if sock is not None:
+                name = sock.getsockname()
+                if isinstance(name, tuple):
+                    return int(name[1])
+        raise RuntimeError("this server has no TCP listener")
+
+    @property
+    def connections(self) -> frozenset[WebSocketConnection]:
+        """The connections open right now."""
+        return frozenset(self._connections)
+
+    async def run(self, *, task_status: trio.TaskStatus[WebSocketServer] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled or until :meth:`aclose` is called.
+
+        Works with ``nursery.start``: it reports started (with the server) once
+        the listeners accept connections.
+
+        Cancellation:
+            Cancelling stops the listeners, answers handshakes still in progress
+            with 503, closes open connections with 1001 and waits up to
+            ``close_timeout`` for them before cancelling their handlers; then it
+            returns by raising :class:`trio.Cancelled` as usual.
+        """
+        with collapse_exception_groups():
+            async with trio.open_nursery() as watcher:
+                watcher.start_soon(self._watch_for_cancel)
+                with trio.CancelScope(shield=True):
+                    async with trio.open_nursery() as nursery:
+                        for listener in self.listeners:
+                            nursery.start_soon(self._accept_loop, listener, nursery)
+                        task_status.started(self)
+                        await self._stop_requested.wait()
+                        await self._shutdown(nursery)
+                watcher.cancel_scope.cancel()
+        self._stopped.set()
+
+    async def _watch_for_cancel(self) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            self._stop_requested.set()
+
+    async def aclose(self) -> None:
+        """Stop the server gracefully and wait until :meth:`run` has returned.
+
+        Cancellation:
+            Only stops waiting; the shutdown goes on.
+        """
+        self._stop_requested.set()
+        await self._stopped.wait()
+
+    async def _shutdown(self, nursery: trio.Nursery) -> None:
+        self._stopping = True
+        for listener in self.listeners:
+            await trio.aclose_forcefully(listener)
+        logger.info("shutting down: closing %d connections", len(self._connections))
+        with trio.move_on_after(_timeout(self.close_timeout)):
+            async with trio.open_nursery() as closers:
+                for conn in list(self._connections):
+                    closers.start_soon(
+                        functools.partial(conn.aclose, CloseCode.GOING_AWAY, "server shutting down")
+                    )
+            if self._handling:
+                await self._idle.wait()
+        nursery.cancel_scope.cancel()
+
+    async def _accept_loop(self, listener: trio.abc.Listener[Any], nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except trio.ClosedResourceError:
+                return  # closed by _shutdown
+            except OSError as exc:
+                # EMFILE and the like: wait and try again (as trio.serve_listeners does).
+                logger.error("accept failed: %s; retrying in 100 ms", exc)
+                await trio.sleep(0.1)
+                continue
+            self._handling += 1
+            if self._idle.is_set():
+                self._idle = trio.Event()
+            nursery.start_soon(self._handle_stream, stream)
+
+    async def _handle_stream(self, stream: trio.abc.Stream) -> None:
+        try:
+            await self._serve_one(stream)
+        except Exception:  # pragma: no cover - _serve_one handles what it expects
+            logger.exception("unexpected error while serving a connection")
+        finally:
+            await trio.aclose_forcefully(stream)
+            self._handling -= 1
+            if not self._handling:
+                self._idle.set()
+
+    async def _serve_one(self, stream: trio.abc.Stream) -> None:
+        handshake = ServerHandshake(
+            max_request_line=self.max_request_line,
+            max_header_line=self.max_header_line,
+            max_headers=self.max_headers,
+        )
+        deadline = trio.current_time() + _timeout(self.open_timeout)
+        try:
+            with trio.CancelScope(deadline=deadline) as scope:
+                head = None
+                while head is None:
+                    head = handshake.receive_data(await stream.receive_some(16384))
+            if scope.cancelled_caught:
+                logger.info("handshake timed out")
+                await self._send_http(stream, handshake.reject(408, body="request timeout"))
+                return
+            handshake.check_upgrade()
+            if self._stopping:
+                raise HTTPError(503, "server shutting down")
+            if self.max_connections is not None and len(self._connections) >= self.max_connections:
+                raise HTTPError(503, "too many connections", [("Retry-After", "1")])
+        except HTTPError as exc:
+            logger.info("bad request: %s", exc)
+            await self._send_http(
+                stream, handshake.reject(exc.status, headers=exc.headers, body=exc.message + "\n")
+            )
+            return
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError) as exc:
+            logger.debug("transport failed during the handshake: %r", exc)
+            return
+
+        async with trio.open_nursery() as nursery:
+            request = WebSocketRequest(self, stream, handshake, nursery)
+            with trio.CancelScope(deadline=deadline) as open_scope:
+                request._open_scope = open_scope
+                await self._run_handler(request)
+            conn = request.connection
+            if conn is None:
+                if not request._answered:
+                    if open_scope.cancelled_caught:
+                        logger.info("handler did not answer %s within open_timeout", request.path)
+                        await request.reject(503, body="handshake timeout\n")
+                    else:
+                        logger.error("handler returned without accepting or rejecting %s", request)
+                        await request.reject(500, body="internal server error\n")
+            else:
+                await conn.aclose()
+                self._connections.discard(conn)
+            nursery.cancel_scope.cancel()
+
+    async def _run_handler(self, request: WebSocketRequest) -> None:
+        try:
+            await self.handler(request)
+        except ConnectionClosed:
+            pass  # the connection ended under the handler: nothing went wrong here
+        except Exception:
+            conn = request.connection
+            if conn is None:
+                logger.exception("handler failed before answering %s", request)
+                if not request._answered:
+                    await request.reject(500, body="internal server error\n")
+            else:
+                logger.exception("handler failed on %s; closing with 1011", request)
+                await conn.aclose(CloseCode.INTERNAL_ERROR, "internal error")
+
+    async def _send_http(self, stream: trio.abc.Stream, response: bytes) -> None:
+        """Write a complete HTTP response, then close politely: EOF, brief drain."""
+        with trio.move_on_after(min(_timeout(self.close_timeout), 5.0)):
+            try:
+                await stream.send_all(response)
+                if isinstance(stream, trio.SocketStream):
+                    await stream.send_eof()
+                    # Read what the client still sends so closing does not RST
+                    # away the response before it is read.
+                    with trio.move_on_after(1.0):
+                        while await stream.receive_some(16384):
+                            pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+        await trio.aclose_forcefully(stream)
+
+
+def _timeout(value: float | None) -> float:
+    return math.inf if value is None else value
+
+
+async def serve_websocket(
+    handler: Handler,
+    host: str | bytes | None,
+    port: int,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    # Limits
+    max_message_size: int | None = 2**20,
+    max_queue: int = 16,
+    max_connections: int | None = 4096,
+    max_request_line: int = 8192,
+    max_header_line: int = 8192,
+    max_headers: int = 128,
+    # Timeouts
+    open_timeout: float | None = 10.0,
+    close_timeout: float | None = 10.0,
+    ping_interval: float | None = 20.0,
+    ping_timeout: float | None = 20.0,
+    # Features
+    compression: bool = True,
+    backlog: int | None = None,
+    task_status: trio.TaskStatus[WebSocketServer] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve WebSocket connections on ``host:port`` until cancelled.
+
+    Each accepted connection runs ``handler(request)`` in a nursery of its own;
+    the handler answers with :meth:`WebSocketRequest.accept` or
+    :meth:`~WebSocketRequest.reject`. Use it with ``nursery.start`` to get the
+    :class:`WebSocketServer` (and its :attr:`~WebSocketServer.port`) once it
+    listens::
+
+        server = await nursery.start(serve_websocket, handler, "127.0.0.1", 0)
+
+    Args:
+        handler: ``async def handler(request)``.
+        host: The address to bind (None for every interface).
+        port: The port (0 for any free one).
+        ssl_context: Serve ``wss://`` with this server-side context.
+        max_message_size: Largest incoming message in bytes (1009 past it);
+            None for no limit.
+        max_queue: Messages received and not yet read before the reader stops
+            reading the socket.
+        max_connections: Open connections before new handshakes get 503.
+        max_request_line: Longest request line (414 past it).
+        max_header_line: Longest header line (431 past it).
+        max_headers: Most header lines (431 past it).
+        open_timeout: Seconds for TLS, the request head and the handler's
+            decision together; None for no limit.
+        close_timeout: Seconds to wait for the closing handshake.
+        ping_interval: Seconds between keep-alive pings; None disables them.
+        ping_timeout: Seconds to wait for a pong before closing with 1011.
+        compression: Accept permessage-deflate when the client offers it.
+        backlog: The listen backlog (trio's default when None).
+
+    Cancellation:
+        Stops gracefully: see :meth:`WebSocketServer.run`.
+    """
+    listeners: list[trio.abc.Listener[Any]] = list(
+        await trio.open_tcp_listeners(port, host=host, backlog=backlog)
+    )
+    if ssl_context is not None:
+        listeners = [
+            trio.SSLListener(listener, ssl_context, https_compatible=False) for listener in listeners
+        ]
+    server = WebSocketServer(
+        handler,
+        listeners,
+        max_message_size=max_message_size,
+        max_queue=max_queue,
+        max_connections=max_connections,
+        max_request_line=max_request_line,
+        max_header_line=max_header_line,
+        max_headers=max_headers,
+        open_timeout=open_timeout,
+        close_timeout=close_timeout,
+        ping_interval=ping_interval,
+        ping_timeout=ping_timeout,
+        compression=compression,
+    )
+    await server.run(task_status=task_status)
