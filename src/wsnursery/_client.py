@@ -5,7 +5,7 @@ from __future__ import annotations
 import ssl
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import trio
 
@@ -91,7 +91,9 @@ async def connect_websocket(
         Nothing is left open: a half-made connection is closed.
     """
     tls = use_ssl or ssl_context is not None
-    extensions = [BoundedPerMessageDeflate(max_message_size=max_message_size)] if compression else []
+    extensions = (
+        [BoundedPerMessageDeflate(max_message_size=max_message_size)] if compression else []
+    )
     handshake = ClientHandshake(
         _host_header(host, port, tls),
         resource,
@@ -110,9 +112,7 @@ async def connect_websocket(
                         stream, context, server_hostname=host, https_compatible=True
                     )
                     await stream.do_handshake()
-                await stream.send_all(handshake.request())
-                while not handshake.receive_data(await stream.receive_some(65536)):
-                    pass
+                await upgrade(stream, handshake)
             except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 if isinstance(exc, ssl.SSLError | ssl.CertificateError):
                     raise TransportError(f"TLS handshake with {host}:{port} failed: {exc}") from exc
@@ -120,20 +120,54 @@ async def connect_websocket(
     except trio.TooSlowError as exc:
         if stream is not None:
             await trio.aclose_forcefully(stream)
-        raise HandshakeTimeout(f"opening handshake with {host}:{port} took over {open_timeout} s") from exc
+        raise HandshakeTimeout(
+            f"opening handshake with {host}:{port} took over {open_timeout} s"
+        ) from exc
     except BaseException:
         if stream is not None:
             await trio.aclose_forcefully(stream)
         raise
+    conn = client_connection(
+        stream,
+        handshake,
+        max_message_size=max_message_size,
+        max_queue=max_queue,
+        ping_interval=ping_interval,
+        ping_timeout=ping_timeout,
+        close_timeout=close_timeout,
+    )
+    conn._start(nursery)
+    return conn
+
+
+async def upgrade(stream: trio.abc.Stream, handshake: ClientHandshake) -> None:
+    """Send the upgrade request on ``stream`` and read until the answer is complete."""
+    await stream.send_all(handshake.request())
+    while not handshake.receive_data(await stream.receive_some(65536)):
+        pass
+
+
+def client_connection(
+    stream: trio.abc.Stream,
+    handshake: ClientHandshake,
+    *,
+    max_message_size: int | None,
+    max_queue: int,
+    ping_interval: float | None,
+    ping_timeout: float | None,
+    close_timeout: float | None,
+) -> WebSocketConnection:
+    """The client's connection once ``handshake`` succeeded on ``stream``."""
     local, remote = stream_addresses(stream)
-    conn = WebSocketConnection(
+    return WebSocketConnection(
         stream,
         Protocol(
             client=True,
             extensions=handshake.accepted_extensions,
             max_message_size=max_message_size,
         ),
-        path=resource.split("?", 1)[0],
+        path=handshake.target.split("?", 1)[0],
+        query=dict(parse_qsl(urlsplit(handshake.target).query, keep_blank_values=True)),
         request_headers=handshake.request_headers(),
         response_headers=handshake.response_headers,
         subprotocol=handshake.subprotocol,
@@ -145,8 +179,6 @@ async def connect_websocket(
         local=local,
         remote=remote,
     )
-    conn._start(nursery)
-    return conn
 
 
 async def connect_websocket_url(
@@ -159,7 +191,12 @@ async def connect_websocket_url(
     """
     host, port, resource, tls = _parse_url(url)
     return await connect_websocket(
-        nursery, host, port, resource, use_ssl=tls, **kwargs  # type: ignore[arg-type]
+        nursery,
+        host,
+        port,
+        resource,
+        use_ssl=tls,
+        **kwargs,  # type: ignore[arg-type]
     )
 
 
@@ -213,4 +250,3 @@ async def open_websocket_url(url: str, **kwargs: object) -> AsyncIterator[WebSoc
     host, port, resource, tls = _parse_url(url)
     async with open_websocket(host, port, resource, use_ssl=tls, **kwargs) as conn:
         yield conn
-

@@ -134,7 +134,7 @@ class _SocketTransport(_Transport):
             if sock is None:
                 raise trio.ClosedResourceError("connection closed")
             await wait_writable(sock)
-            view = view[self.try_send(view):]  # type: ignore[arg-type]
+            view = view[self.try_send(view) :]  # type: ignore[arg-type]
 
     def detach(self) -> None:
         if self.sock is not None:
@@ -614,4 +614,3 @@ def _check_close_code(code: int) -> None:
 def format_close(reason: CloseReason | None) -> str:
     """A short text for logs."""
     return "open" if reason is None else str(reason)
-

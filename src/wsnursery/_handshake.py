@@ -28,8 +28,8 @@ from ._exceptions import ConnectionRejected, InvalidHandshake
 
 __all__ = [
     "ClientHandshake",
-    "Headers",
     "HTTPError",
+    "Headers",
     "RequestHead",
     "ServerHandshake",
 ]
@@ -94,9 +94,7 @@ def _tokens(headers: Headers, name: str) -> list[str]:
 class HTTPError(Exception):
     """A request the server answers with an HTTP error instead of an upgrade."""
 
-    def __init__(
-        self, status: int, message: str, headers: Sequence[tuple[str, str]] = ()
-    ) -> None:
+    def __init__(self, status: int, message: str, headers: Sequence[tuple[str, str]] = ()) -> None:
         super().__init__(f"{status}: {message}")
         self.status = status
         self.message = message
@@ -166,7 +164,7 @@ class ServerHandshake:
     def max_head_size(self) -> int:
         return self.max_request_line + (self.max_headers + 1) * (self.max_header_line + 2)
 
-    def receive_data(self, data: bytes) -> RequestHead | None:
+    def receive_data(self, data: bytes | bytearray) -> RequestHead | None:
         """Feed bytes; return the request head once it is complete.
 
         Raises:
@@ -246,7 +244,8 @@ class ServerHandshake:
         if version != "13":
             raise HTTPError(
                 426 if version else 400,
-                f"unsupported Sec-WebSocket-Version {version!r}" if version
+                f"unsupported Sec-WebSocket-Version {version!r}"
+                if version
                 else "missing Sec-WebSocket-Version",
                 [("Sec-WebSocket-Version", "13")],
             )
@@ -407,7 +406,7 @@ class ClientHandshake:
         headers.extend(self.extra_headers)
         return headers
 
-    def receive_data(self, data: bytes) -> bool:
+    def receive_data(self, data: bytes | bytearray) -> bool:
         """Feed the server's bytes; return True once the connection is open.
 
         Raises:
@@ -415,7 +414,7 @@ class ClientHandshake:
             InvalidHandshake: the answer broke RFC 6455, or the server closed
                 the connection before answering.
         """
-        self._h11.receive_data(data)
+        self._h11.receive_data(bytes(data))
         while True:
             try:
                 event = self._h11.next_event()

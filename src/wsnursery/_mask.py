@@ -45,7 +45,7 @@ class FastXorMasker:
             return b""
         assert apply_mask is not None
         key = self._key
-        out = apply_mask(data, key)
+        out = apply_mask(bytes(data) if type(data) is not bytes else data, key)
         shift = n & 3
         if shift:
             self._key = key[shift:] + key[:shift]
@@ -67,4 +67,5 @@ def uninstall() -> None:
 
 def active_masker() -> str:
     """``"c"`` when the fast masker is in use, ``"python"`` otherwise."""
-    return "c" if _frame_protocol.XorMaskerSimple is FastXorMasker else "python"
+    current: object = _frame_protocol.XorMaskerSimple
+    return "c" if current is FastXorMasker else "python"

@@ -36,6 +36,7 @@ import enum
 import zlib
 from collections import deque
 from collections.abc import Sequence
+from typing import cast
 
 from wsproto.extensions import Extension, PerMessageDeflate
 from wsproto.frame_protocol import CloseReason as _WsprotoClose
@@ -53,6 +54,12 @@ _CONTINUATION = Opcode.CONTINUATION
 _PING = Opcode.PING
 _PONG = Opcode.PONG
 _CLOSE = Opcode.CLOSE
+
+
+def _join(parts: list[Message]) -> Message:
+    if isinstance(parts[0], str):
+        return "".join(cast("list[str]", parts))
+    return b"".join(cast("list[bytes]", parts))
 
 
 class ProtocolState(enum.Enum):
@@ -73,14 +80,14 @@ class BoundedPerMessageDeflate(PerMessageDeflate):
     ``max_message_size``.
     """
 
-    def __init__(self, *args: object, max_message_size: int | None = None, **kwargs: object) -> None:
+    def __init__(
+        self, *args: object, max_message_size: int | None = None, **kwargs: object
+    ) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.max_message_size = max_message_size
         self._inflated = 0
 
-    def frame_inbound_payload_data(
-        self, proto: object, data: bytes
-    ) -> bytes | _WsprotoClose:
+    def frame_inbound_payload_data(self, proto: object, data: bytes) -> bytes | _WsprotoClose:
         if (
             self.max_message_size is None
             or not self._inbound_compressed
@@ -175,30 +182,29 @@ class Protocol:
             for frame in proto.received_frames():
                 opcode = frame.opcode
                 if opcode is _TEXT or opcode is _BINARY:
-                    payload = frame.payload
+                    payload = cast(Message, frame.payload)
                     if frame.message_finished and not self._parts:
                         # The common case: a whole message in one frame.
                         if self.max_message_size is not None and self._too_big(payload):
                             return
                         if self.state is ProtocolState.OPEN:
-                            self.messages.append(payload)  # type: ignore[arg-type]
+                            self.messages.append(payload)
                         continue
-                    self._parts.append(payload)  # type: ignore[arg-type]
+                    self._parts.append(payload)
                     if self.max_message_size is not None and self._too_big(payload):
                         return
                     if frame.message_finished:
                         parts, self._parts, self._size = self._parts, [], 0
                         if self.state is ProtocolState.OPEN:
-                            joiner = "" if isinstance(parts[0], str) else b""
-                            self.messages.append(joiner.join(parts))  # type: ignore[attr-defined]
+                            self.messages.append(_join(parts))
                 elif opcode is _PING:
                     self.pings_received += 1
                     if self.state is ProtocolState.OPEN:
-                        self._out += proto.pong(frame.payload)  # type: ignore[arg-type]
+                        self._out += proto.pong(cast(bytes, frame.payload))
                 elif opcode is _PONG:
-                    self.pongs.append(bytes(frame.payload))  # type: ignore[arg-type]
+                    self.pongs.append(bytes(cast(bytes, frame.payload)))
                 elif opcode is _CLOSE:
-                    code, reason = frame.payload  # type: ignore[misc]
+                    code, reason = cast("tuple[int, str]", frame.payload)
                     self._receive_close(int(code), reason)
                     return
         except ParseFailed as exc:
@@ -213,7 +219,9 @@ class Protocol:
         assert self.max_message_size is not None
         if self._size > self.max_message_size:
             self._parts = []
-            self.fail(CloseCode.MESSAGE_TOO_BIG, f"message larger than {self.max_message_size} bytes")
+            self.fail(
+                CloseCode.MESSAGE_TOO_BIG, f"message larger than {self.max_message_size} bytes"
+            )
             return True
         if not self._parts:
             self._size = 0

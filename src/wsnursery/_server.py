@@ -25,7 +25,7 @@ import trio
 
 from ._connection import WebSocketConnection
 from ._exceptions import CloseCode, CloseReason, ConnectionClosed
-from ._handshake import Headers, HeaderPairs, HTTPError, RequestHead, ServerHandshake
+from ._handshake import HeaderPairs, Headers, HTTPError, RequestHead, ServerHandshake
 from ._protocol import BoundedPerMessageDeflate, Protocol
 from ._util import collapse_exception_groups, stream_addresses
 
@@ -259,7 +259,9 @@ class WebSocketServer:
         """The connections open right now."""
         return frozenset(self._connections)
 
-    async def run(self, *, task_status: trio.TaskStatus[WebSocketServer] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, *, task_status: trio.TaskStatus[WebSocketServer] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Serve until cancelled or until :meth:`aclose` is called.
 
         Works with ``nursery.start``: it reports started (with the server) once
@@ -489,7 +491,7 @@ async def serve_websocket(
     )
     if ssl_context is not None:
         listeners = [
-            trio.SSLListener(listener, ssl_context, https_compatible=False) for listener in listeners
+            trio.SSLListener(lst, ssl_context, https_compatible=False) for lst in listeners
         ]
     server = WebSocketServer(
         handler,

@@ -10,7 +10,7 @@ from typing import Any
 import trio
 
 if sys.version_info < (3, 11):  # pragma: no cover
-    from exceptiongroup import BaseExceptionGroup
+    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 
 __all__ = ["collapse_exception_groups", "stream_addresses"]
 

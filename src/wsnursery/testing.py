@@ -1,0 +1,164 @@
+"""Helpers for testing code that uses wsnursery, with no network at all.
+
+Both helpers run the real protocol, handshake and connection code over
+:func:`trio.testing.memory_stream_pair`, so a test exercises what production
+runs, minus the sockets::
+
+    from wsnursery.testing import open_handler_client
+
+    async def test_echo():
+        async with open_handler_client(echo_handler, "/echo") as client:
+            await client.send_message("hi")
+            assert await client.get_message() == "hi"
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+import trio.testing
+
+from ._client import client_connection, upgrade
+from ._connection import WebSocketConnection, _shielded
+from ._handshake import ClientHandshake, HeaderPairs
+from ._protocol import BoundedPerMessageDeflate
+from ._server import Handler, WebSocketRequest, WebSocketServer
+from ._util import collapse_exception_groups
+
+__all__ = ["open_handler_client", "open_websocket_pair"]
+
+
+def _client_handshake(
+    resource: str,
+    subprotocols: Sequence[str],
+    extra_headers: HeaderPairs,
+    compression: bool,
+    max_message_size: int | None,
+) -> ClientHandshake:
+    extensions = (
+        [BoundedPerMessageDeflate(max_message_size=max_message_size)] if compression else []
+    )
+    return ClientHandshake(
+        "testserver",
+        resource,
+        subprotocols=subprotocols,
+        extensions=extensions,
+        extra_headers=extra_headers,
+    )
+
+
+@asynccontextmanager
+async def open_handler_client(
+    handler: Handler,
+    resource: str = "/",
+    *,
+    subprotocols: Sequence[str] = (),
+    extra_headers: HeaderPairs = (),
+    compression: bool = False,
+    max_message_size: int | None = 2**20,
+    max_queue: int = 16,
+    ping_interval: float | None = None,
+    ping_timeout: float | None = None,
+    close_timeout: float | None = 10.0,
+    server_options: dict[str, Any] | None = None,
+) -> AsyncIterator[WebSocketConnection]:
+    """Run ``handler`` as a server would, and yield a client connected to it.
+
+    The server side is the real :class:`~wsnursery.WebSocketServer` code
+    serving one in-memory stream, made with ``server_options`` (the keyword
+    arguments of :class:`~wsnursery.WebSocketServer`, such as its own
+    ``max_message_size``); the other keyword arguments are the client's, as
+    for :func:`~wsnursery.connect_websocket`. A rejected handshake raises
+    :exc:`~wsnursery.ConnectionRejected` from the ``async with``, as a real
+    client would. Keep-alive is off by default so tests with
+    ``autojump_clock`` stay deterministic.
+
+    Cancellation:
+        Both sides are closed before the block's cancellation goes on.
+    """
+    server = WebSocketServer(handler, [], **(server_options or {}))
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    handshake = _client_handshake(
+        resource, subprotocols, extra_headers, compression, max_message_size
+    )
+    with collapse_exception_groups():
+        async with trio.open_nursery() as nursery:
+            server._handling += 1
+            nursery.start_soon(server._handle_stream, server_stream)
+            await upgrade(client_stream, handshake)
+            conn = client_connection(
+                client_stream,
+                handshake,
+                max_message_size=max_message_size,
+                max_queue=max_queue,
+                ping_interval=ping_interval,
+                ping_timeout=ping_timeout,
+                close_timeout=close_timeout,
+            )
+            conn._start(nursery)
+            try:
+                yield conn
+            finally:
+                await _shielded(conn.aclose())
+
+
+@asynccontextmanager
+async def open_websocket_pair(
+    *,
+    resource: str = "/",
+    subprotocol: str | None = None,
+    compression: bool = False,
+    max_message_size: int | None = 2**20,
+    max_queue: int = 16,
+    ping_interval: float | None = None,
+    ping_timeout: float | None = None,
+    close_timeout: float | None = 10.0,
+) -> AsyncIterator[tuple[WebSocketConnection, WebSocketConnection]]:
+    """Yield ``(client, server)``: two connected :class:`~wsnursery.WebSocketConnection`.
+
+    Both use the same options. Whatever one sends, the other receives. Both are
+    closed when the block ends.
+
+    Cancellation:
+        Both sides are closed before the block's cancellation goes on.
+    """
+    accepted: trio.MemorySendChannel[WebSocketConnection]
+    accepted, receive_accepted = trio.open_memory_channel[WebSocketConnection](1)
+    finished = trio.Event()
+
+    async def handler(request: WebSocketRequest) -> None:
+        conn = await request.accept(subprotocol=subprotocol)
+        await accepted.send(conn)
+        await finished.wait()
+        await conn.wait_closed()
+
+    subprotocols = [subprotocol] if subprotocol else []
+    options: dict[str, Any] = {
+        "compression": compression,
+        "max_message_size": max_message_size,
+        "max_queue": max_queue,
+        "ping_interval": ping_interval,
+        "ping_timeout": ping_timeout,
+        "close_timeout": close_timeout,
+    }
+    with collapse_exception_groups():
+        async with open_handler_client(
+            handler,
+            resource,
+            subprotocols=subprotocols,
+            compression=compression,
+            max_message_size=max_message_size,
+            max_queue=max_queue,
+            ping_interval=ping_interval,
+            ping_timeout=ping_timeout,
+            close_timeout=close_timeout,
+            server_options=options,
+        ) as client:
+            server_conn = await receive_accepted.receive()
+            try:
+                yield client, server_conn
+            finally:
+                finished.set()
