@@ -172,6 +172,8 @@ class Protocol:
         """
         state = self.state
         if state is ProtocolState.CLOSED or state is ProtocolState.BROKEN:
+            if not data:
+                self.transport_should_close = True  # the server's EOF after the handshake
             return
         if not data:
             self._receive_eof()
@@ -230,8 +232,9 @@ class Protocol:
     def _receive_close(self, code: int, reason: str) -> None:
         self.close_received = CloseReason(code, reason, initiated_by_peer=True)
         if self.state is ProtocolState.OPEN:
-            # RFC 6455 section 5.5.1: reply with a close frame, echoing the code.
-            self._out += self._proto.close(code)
+            # RFC 6455 section 5.5.1: reply with a close frame, echoing the code
+            # (an empty close frame answers one that had no code).
+            self._out += self._proto.close(None if code == CloseCode.NO_STATUS_RCVD else code)
             self.close_sent = CloseReason(code, "", initiated_by_peer=True)
             self.closed = self.close_received
         else:  # CLOSING: this answers the close we sent.
