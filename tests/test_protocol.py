@@ -83,7 +83,9 @@ def assert_failed(proto: Protocol, code: int) -> None:
 
 
 @pytest.mark.parametrize("sender_is_client", [True, False])
-@pytest.mark.parametrize("message", ["", "hello", "héllo ✓ 🐍", b"", b"\x00\xff" * 100, "x" * 70000])
+@pytest.mark.parametrize(
+    "message", ["", "hello", "héllo ✓ 🐍", b"", b"\x00\xff" * 100, "x" * 70000]
+)
 def test_message_round_trip(sender_is_client: bool, message: str | bytes) -> None:
     client, server = pair()
     sender, receiver = (client, server) if sender_is_client else (server, client)
@@ -385,7 +387,8 @@ def test_masked_frame_to_a_client_fails_with_1002() -> None:
     assert client.closed.code == 1002
     assert client.transport_should_close  # a client fails the connection too: close TCP
     out = client.data_to_send()
-    assert out[0] == 0x88 and out[1] & 0x80  # a masked close frame
+    assert out[0] == 0x88
+    assert out[1] & 0x80  # a masked close frame
 
 
 def test_bad_utf8_split_across_fragments_is_caught() -> None:

@@ -23,7 +23,7 @@ from ._exceptions import HandshakeTimeout as HandshakeTimeout
 from ._exceptions import InvalidHandshake as InvalidHandshake
 from ._exceptions import TransportError as TransportError
 from ._exceptions import WebSocketError as WebSocketError
-from ._handshake import Headers as Headers
+from ._headers import Headers as Headers
 from ._protocol import ProtocolState as ProtocolState
 from ._server import WebSocketRequest as WebSocketRequest
 from ._server import WebSocketServer as WebSocketServer

@@ -11,7 +11,8 @@ import trio
 
 from ._connection import WebSocketConnection, _shielded, _timeout
 from ._exceptions import CloseCode, HandshakeTimeout, TransportError
-from ._handshake import ClientHandshake, HeaderPairs
+from ._handshake import ClientHandshake
+from ._headers import HeaderPairs
 from ._protocol import BoundedPerMessageDeflate, Protocol
 from ._util import collapse_exception_groups, stream_addresses
 

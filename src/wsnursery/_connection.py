@@ -46,7 +46,7 @@ from ._exceptions import CloseCode, CloseReason, ConnectionClosed
 from ._protocol import Message, Protocol, ProtocolState
 
 if TYPE_CHECKING:
-    from ._handshake import Headers
+    from ._headers import Headers
 
 __all__ = ["WebSocketConnection"]
 

@@ -9,8 +9,9 @@ the original exception kept as ``__cause__``.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
 from dataclasses import dataclass
+
+from ._headers import HeaderPairs, Headers
 
 __all__ = [
     "CloseCode",
@@ -114,19 +115,19 @@ class ConnectionRejected(HandshakeError):
 
     Attributes:
         status_code: The HTTP status, e.g. 403.
-        headers: The response headers as ``(name, value)`` byte pairs.
+        headers: The response headers (:class:`Headers`, case-insensitive).
         body: The response body (at most ``max_rejection_body`` bytes of it).
     """
 
     def __init__(
         self,
         status_code: int,
-        headers: Sequence[tuple[bytes, bytes]] = (),
+        headers: HeaderPairs = (),
         body: bytes = b"",
     ) -> None:
         super().__init__(f"server rejected WebSocket connection: HTTP {status_code}")
         self.status_code = status_code
-        self.headers = list(headers)
+        self.headers = Headers(headers)
         self.body = body
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlsplit
 
@@ -25,6 +25,7 @@ from wsproto.handshake import client_extensions_handshake, server_extensions_han
 from wsproto.utilities import RemoteProtocolError, generate_accept_token
 
 from ._exceptions import ConnectionRejected, InvalidHandshake
+from ._headers import HeaderPairs, Headers
 
 __all__ = [
     "ClientHandshake",
@@ -33,54 +34,6 @@ __all__ = [
     "RequestHead",
     "ServerHandshake",
 ]
-
-HeaderPairs = Iterable[tuple[str | bytes, str | bytes]]
-
-
-def _text(value: str | bytes) -> str:
-    return value.decode("latin-1") if isinstance(value, bytes) else value
-
-
-class Headers(Mapping[str, str]):
-    """HTTP headers: ordered ``(name, value)`` pairs looked up without regard to case.
-
-    ``headers["Origin"]`` gives the first value; :meth:`get_all` every value of a
-    repeated header. Names and values are ``str`` (decoded as Latin-1).
-    """
-
-    __slots__ = ("_items",)
-
-    def __init__(self, items: HeaderPairs = ()) -> None:
-        self._items: list[tuple[str, str]] = [(_text(k), _text(v)) for k, v in items]
-
-    def __getitem__(self, name: str) -> str:
-        wanted = name.lower()
-        for key, value in self._items:
-            if key.lower() == wanted:
-                return value
-        raise KeyError(name)
-
-    def __iter__(self) -> Iterator[str]:
-        seen: set[str] = set()
-        for key, _ in self._items:
-            if key.lower() not in seen:
-                seen.add(key.lower())
-                yield key
-
-    def __len__(self) -> int:
-        return len({key.lower() for key, _ in self._items})
-
-    def get_all(self, name: str) -> list[str]:
-        """Every value of ``name``, in order (empty list when absent)."""
-        wanted = name.lower()
-        return [value for key, value in self._items if key.lower() == wanted]
-
-    def items_list(self) -> list[tuple[str, str]]:
-        """All pairs, repeated names included, in the order received."""
-        return list(self._items)
-
-    def __repr__(self) -> str:
-        return f"Headers({self._items!r})"
 
 
 def _tokens(headers: Headers, name: str) -> list[str]:
@@ -419,6 +372,8 @@ class ClientHandshake:
             try:
                 event = self._h11.next_event()
             except h11.RemoteProtocolError as exc:
+                if not data:
+                    self._end_of_data()  # closed mid-answer: say so, not "malformed"
                 raise InvalidHandshake(f"malformed HTTP response: {exc}") from None
             if event is h11.NEED_DATA or event is h11.PAUSED:
                 if not data:

@@ -25,7 +25,8 @@ import trio
 
 from ._connection import WebSocketConnection
 from ._exceptions import CloseCode, CloseReason, ConnectionClosed
-from ._handshake import HeaderPairs, Headers, HTTPError, RequestHead, ServerHandshake
+from ._handshake import HTTPError, RequestHead, ServerHandshake
+from ._headers import HeaderPairs, Headers
 from ._protocol import BoundedPerMessageDeflate, Protocol
 from ._util import collapse_exception_groups, stream_addresses
 

@@ -23,7 +23,8 @@ import trio.testing
 
 from ._client import client_connection, upgrade
 from ._connection import WebSocketConnection, _shielded
-from ._handshake import ClientHandshake, HeaderPairs
+from ._handshake import ClientHandshake
+from ._headers import HeaderPairs
 from ._protocol import BoundedPerMessageDeflate
 from ._server import Handler, WebSocketRequest, WebSocketServer
 from ._util import collapse_exception_groups
