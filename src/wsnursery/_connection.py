@@ -262,7 +262,7 @@ class WebSocketConnection(trio.abc.AsyncResource):
                     # 7.1.1), but not for longer than close_timeout.
                     await self._wait_for_eof()
                     break
-                if len(proto.messages) >= self._max_queue:
+                if len(proto.messages) >= self._max_queue and proto.state is _OPEN:
                     self._reader_paused = self._paused_during_ping = True
                     await self._room_lot.park()
                     self._reader_paused = False
@@ -340,15 +340,14 @@ class WebSocketConnection(trio.abc.AsyncResource):
                     pass
         await self._close_transport()
 
-    async def _close_transport(self) -> None:
+    async def _close_transport(self, why: str = "connection closed") -> None:
         """Close the stream and wake every waiter. Idempotent; never blocks long."""
         if self._transport_closed:
             return
         self._transport_closed = True
         proto = self._proto
         if proto.closed is None:
-            proto.fail(CloseCode.ABNORMAL_CLOSURE, "connection closed")
-            proto.data_to_send()
+            proto.abort(why)
         self._transport.detach()
         await trio.aclose_forcefully(self._stream)
         self._finished.set()
@@ -571,6 +570,8 @@ class WebSocketConnection(trio.abc.AsyncResource):
                 await checkpoint()
                 return
             out = self._proto.send_close(code, reason)
+            # We want no more messages: read on past a full queue to the close frame.
+            self._room_lot.unpark_all()
             if out:
                 try:
                     await self._write(out)
@@ -580,7 +581,9 @@ class WebSocketConnection(trio.abc.AsyncResource):
                 await self._finished.wait()
         finally:
             if not self._finished.is_set():
-                await _shielded(self._close_transport())
+                await _shielded(
+                    self._close_transport("the peer did not finish the closing handshake in time")
+                )
 
     async def wait_closed(self) -> CloseReason:
         """Wait until the connection is closed and return why.

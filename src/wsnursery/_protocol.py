@@ -310,6 +310,19 @@ class Protocol:
         self.state = ProtocolState.CLOSED
         self.transport_should_close = True
 
+    def abort(self, reason: str) -> None:
+        """The transport is being closed without a (complete) closing handshake.
+
+        Sets :attr:`closed` to 1006 with ``reason`` unless the close reason is
+        already known, and moves to CLOSED. Nothing more is sent.
+        """
+        if self.closed is None:
+            self.closed = CloseReason(CloseCode.ABNORMAL_CLOSURE, reason, initiated_by_peer=False)
+        if self.state is not ProtocolState.BROKEN:
+            self.state = ProtocolState.CLOSED
+        self.transport_should_close = True
+        self._out.clear()
+
     def send_failed(self, reason: str = "transport failed while sending") -> None:
         """Record that a write broke midway: the stream may hold half a frame.
 
