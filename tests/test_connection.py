@@ -95,16 +95,15 @@ async def test_cancelled_get_message_loses_nothing() -> None:
 
 
 async def test_get_message_waiters_wake_on_close() -> None:
-    async with open_websocket_pair() as (client, server):
-        async with trio.open_nursery() as nursery:
+    async with open_websocket_pair() as (client, server), trio.open_nursery() as nursery:
 
-            async def waiter() -> None:
-                with pytest.raises(ConnectionClosedOK):
-                    await server.get_message()
+        async def waiter() -> None:
+            with pytest.raises(ConnectionClosedOK):
+                await server.get_message()
 
-            nursery.start_soon(waiter)
-            await trio.testing.wait_all_tasks_blocked()
-            await client.aclose(1001)
+        nursery.start_soon(waiter)
+        await trio.testing.wait_all_tasks_blocked()
+        await client.aclose(1001)
 
 
 async def test_backpressure_stops_reading_when_the_queue_is_full() -> None:
