@@ -9,12 +9,12 @@ from urllib.parse import parse_qsl, urlsplit
 
 import trio
 
-from ._connection import WebSocketConnection, _shielded, _timeout
+from ._connection import WebSocketConnection, _timeout
 from ._exceptions import CloseCode, HandshakeTimeout, TransportError
 from ._handshake import ClientHandshake
 from ._headers import HeaderPairs
 from ._protocol import BoundedPerMessageDeflate, Protocol
-from ._util import collapse_exception_groups, stream_addresses
+from ._util import collapse_exception_groups, graceful_scope, stream_addresses
 
 __all__ = ["connect_websocket", "connect_websocket_url", "open_websocket", "open_websocket_url"]
 
@@ -115,9 +115,16 @@ async def connect_websocket(
                     await stream.do_handshake()
                 await upgrade(stream, handshake)
             except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                if isinstance(exc, ssl.SSLError | ssl.CertificateError):
-                    raise TransportError(f"TLS handshake with {host}:{port} failed: {exc}") from exc
-                raise TransportError(f"cannot connect to {host}:{port}: {exc}") from exc
+                # trio reports a failed TLS handshake as BrokenResourceError
+                # caused by the ssl error: keep the ssl error as the cause.
+                cause: BaseException = exc
+                if isinstance(exc, trio.BrokenResourceError) and exc.__cause__ is not None:
+                    cause = exc.__cause__
+                if isinstance(cause, ssl.SSLError | ssl.CertificateError):
+                    raise TransportError(
+                        f"TLS handshake with {host}:{port} failed: {cause}"
+                    ) from cause
+                raise TransportError(f"cannot connect to {host}:{port}: {cause!r}") from cause
     except trio.TooSlowError as exc:
         if stream is not None:
             await trio.aclose_forcefully(stream)
@@ -222,20 +229,27 @@ async def open_websocket(
         The connection is closed (1001) before the cancellation goes on.
     """
     with collapse_exception_groups():
-        async with trio.open_nursery() as nursery:
-            conn = await connect_websocket(nursery, host, port, resource, **kwargs)  # type: ignore[arg-type]
+        async with graceful_scope() as body, trio.open_nursery() as nursery:
+            conn: WebSocketConnection | None = None
             code = CloseCode.NORMAL_CLOSURE
             try:
-                yield conn
-            except trio.Cancelled:
-                code = CloseCode.GOING_AWAY
-                raise
-            except BaseException:
-                code = CloseCode.INTERNAL_ERROR
-                raise
+                with body:
+                    conn = await connect_websocket(nursery, host, port, resource, **kwargs)  # type: ignore[arg-type]
+                    try:
+                        yield conn
+                    except trio.Cancelled:
+                        code = CloseCode.GOING_AWAY
+                        raise
+                    except BaseException:
+                        code = CloseCode.INTERNAL_ERROR
+                        raise
             finally:
-                await _shielded(conn.aclose(code))
-                nursery.cancel_scope.cancel()
+                if body.cancelled_caught:
+                    code = CloseCode.GOING_AWAY
+                if conn is not None:
+                    # Shielded by graceful_scope; bounded by close_timeout.
+                    await conn.aclose(code)
+            nursery.cancel_scope.cancel()
 
 
 @asynccontextmanager

@@ -28,7 +28,7 @@ from ._exceptions import CloseCode, CloseReason, ConnectionClosed
 from ._handshake import HTTPError, RequestHead, ServerHandshake
 from ._headers import HeaderPairs, Headers
 from ._protocol import BoundedPerMessageDeflate, Protocol
-from ._util import collapse_exception_groups, stream_addresses
+from ._util import collapse_exception_groups, graceful_scope, stream_addresses
 
 __all__ = ["WebSocketRequest", "WebSocketServer", "serve_websocket"]
 
@@ -240,10 +240,21 @@ class WebSocketServer:
         self._stop_requested = trio.Event()
         self._stopped = trio.Event()
         self._idle = trio.Event()
+        self._port: int | None = None
+        if self.listeners:
+            try:
+                self._port = self._find_port()
+            except RuntimeError:
+                pass
 
     @property
     def port(self) -> int:
         """The TCP port of the first listener (handy after binding port 0)."""
+        if self._port is None:
+            self._port = self._find_port()
+        return self._port
+
+    def _find_port(self) -> int:
         for listener in self.listeners:
             inner: Any = listener
             while isinstance(inner, trio.SSLListener):
@@ -274,24 +285,17 @@ class WebSocketServer:
             ``close_timeout`` for them before cancelling their handlers; then it
             returns by raising :class:`trio.Cancelled` as usual.
         """
-        with collapse_exception_groups():
-            async with trio.open_nursery() as watcher:
-                watcher.start_soon(self._watch_for_cancel)
-                with trio.CancelScope(shield=True):
-                    async with trio.open_nursery() as nursery:
-                        for listener in self.listeners:
-                            nursery.start_soon(self._accept_loop, listener, nursery)
-                        task_status.started(self)
-                        await self._stop_requested.wait()
-                        await self._shutdown(nursery)
-                watcher.cancel_scope.cancel()
-        self._stopped.set()
-
-    async def _watch_for_cancel(self) -> None:
         try:
-            await trio.sleep_forever()
+            with collapse_exception_groups():
+                async with graceful_scope() as body, trio.open_nursery() as nursery:
+                    for listener in self.listeners:
+                        nursery.start_soon(self._accept_loop, listener, nursery)
+                    task_status.started(self)
+                    with body:
+                        await self._stop_requested.wait()
+                    await self._shutdown(nursery)
         finally:
-            self._stop_requested.set()
+            self._stopped.set()
 
     async def aclose(self) -> None:
         """Stop the server gracefully and wait until :meth:`run` has returned.

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import trio
@@ -12,7 +12,7 @@ import trio
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 
-__all__ = ["collapse_exception_groups", "stream_addresses"]
+__all__ = ["collapse_exception_groups", "graceful_scope", "stream_addresses"]
 
 
 @contextmanager
@@ -49,3 +49,31 @@ def stream_addresses(stream: trio.abc.Stream) -> tuple[Any, Any]:
         return sock.getsockname(), sock.getpeername()
     except OSError:
         return None, None
+
+
+async def _forward_cancel(scope: trio.CancelScope) -> None:
+    try:
+        await trio.sleep_forever()
+    finally:
+        scope.cancel()
+
+
+@asynccontextmanager
+async def graceful_scope() -> AsyncIterator[trio.CancelScope]:
+    """A shielded region whose body still hears the caller's cancellation.
+
+    Yields a cancel scope, ``body``. Everything inside the ``async with`` is
+    shielded from the caller's cancel scopes, so background tasks started in a
+    nursery opened there keep running; when the caller is cancelled, ``body``
+    is cancelled instead. Code placed in ``body`` (the user's block) stops as
+    usual, while code after it (a closing handshake with its own time limit)
+    still runs, and the caller's ``Cancelled`` comes out at the end.
+    """
+    async with trio.open_nursery() as watcher:
+        body = trio.CancelScope()
+        watcher.start_soon(_forward_cancel, body)
+        try:
+            with trio.CancelScope(shield=True):
+                yield body
+        finally:
+            watcher.cancel_scope.cancel()
