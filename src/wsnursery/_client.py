@@ -194,8 +194,10 @@ async def connect_websocket_url(
 ) -> WebSocketConnection:
     """:func:`connect_websocket` with a ``ws://`` or ``wss://`` URL.
 
-    Takes the same keyword arguments. Cancellation: as for
-    :func:`connect_websocket`.
+    Takes the same keyword arguments.
+
+    Cancellation:
+        As for :func:`connect_websocket`.
     """
     host, port, resource, tls = _parse_url(url)
     return await connect_websocket(

@@ -414,8 +414,10 @@ class WebSocketConnection(trio.abc.AsyncResource):
         raise self._closed_error() from exc
 
     def _closed_error(self) -> ConnectionClosed:
-        reason = self._proto.closed or CloseReason(
-            CloseCode.ABNORMAL_CLOSURE, "connection closed", initiated_by_peer=False
+        reason = (
+            self._proto.closed
+            or self._proto.close_sent
+            or CloseReason(CloseCode.ABNORMAL_CLOSURE, "connection closed", initiated_by_peer=False)
         )
         return ConnectionClosed.for_reason(reason)
 

@@ -86,7 +86,7 @@ class CloseReason:
 
     @property
     def ok(self) -> bool:
-        """True for a normal end: 1000, 1001 or 1005."""
+        """True for a normal end (1000, 1001 or 1005)."""
         return self.code in OK_CLOSE_CODES
 
     def __str__(self) -> str:
@@ -116,7 +116,7 @@ class ConnectionRejected(HandshakeError):
     Attributes:
         status_code: The HTTP status, e.g. 403.
         headers: The response headers (:class:`Headers`, case-insensitive).
-        body: The response body (at most ``max_rejection_body`` bytes of it).
+        body: The response body (at most 64 KiB of it).
     """
 
     def __init__(

@@ -63,7 +63,7 @@ def _join(parts: list[Message]) -> Message:
 
 
 class ProtocolState(enum.Enum):
-    """Where a :class:`Protocol` is in its life."""
+    """Where a connection is in its life (see :attr:`WebSocketConnection.state`)."""
 
     OPEN = "open"
     CLOSING = "closing"

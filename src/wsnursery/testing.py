@@ -80,7 +80,8 @@ async def open_handler_client(
     Cancellation:
         Both sides are closed before the block's cancellation goes on.
     """
-    server = WebSocketServer(handler, [], **(server_options or {}))
+    # Keep-alive off on both sides unless asked for (autojump_clock friendly).
+    server = WebSocketServer(handler, [], **{"ping_interval": None, **(server_options or {})})
     client_stream, server_stream = trio.testing.memory_stream_pair()
     handshake = _client_handshake(
         resource, subprotocols, extra_headers, compression, max_message_size
