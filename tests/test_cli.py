@@ -14,7 +14,7 @@ from wsnursery import open_websocket_url
 
 
 async def test_echo_server_process_echoes_and_stops_on_sigint() -> None:
-    proc = subprocess.Popen(
+    proc = await trio.lowlevel.open_process(
         [
             sys.executable,
             "-m",
@@ -29,18 +29,19 @@ async def test_echo_server_process_echoes_and_stops_on_sigint() -> None:
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
         assert proc.stdout is not None
-        line = await trio.to_thread.run_sync(proc.stdout.readline)
-        match = re.search(r"ws://127\.0\.0\.1:(\d+)/", line)
-        assert match, line
+        output = b""
         with trio.fail_after(10):
-            async with open_websocket_url(
-                f"ws://127.0.0.1:{match.group(1)}/", max_message_size=None
-            ) as ws:
+            while b"\n" not in output:
+                output += await proc.stdout.receive_some()
+        match = re.search(rb"ws://127\.0\.0\.1:(\d+)/", output)
+        assert match, output
+        url = f"ws://127.0.0.1:{int(match.group(1))}/"
+        with trio.fail_after(10):
+            async with open_websocket_url(url, max_message_size=None) as ws:
                 await ws.send_message("text")
                 assert await ws.get_message() == "text"
                 await ws.send_message(b"\x00binary")
@@ -50,13 +51,12 @@ async def test_echo_server_process_echoes_and_stops_on_sigint() -> None:
                 await ws.send_message(b"x" * 2_000_001)  # over --max-message-size
                 reason = await ws.wait_closed()
                 assert reason.code == 1009
-            async with open_websocket_url(f"ws://127.0.0.1:{match.group(1)}/") as ws:
+            async with open_websocket_url(url) as ws:
                 proc.send_signal(signal.SIGINT)
                 reason = await ws.wait_closed()
                 assert reason.code == 1001
-        code = await trio.to_thread.run_sync(proc.wait, 10)
-        assert code == 0
+            assert await proc.wait() == 0
     finally:
-        if proc.poll() is None:
+        if proc.returncode is None:
             proc.kill()
-            proc.wait()
+            await proc.wait()

@@ -154,7 +154,10 @@ class ServerHandshake:
 
     def _check_partial(self) -> None:
         lines = bytes(self._buffer).split(b"\r\n")
-        # Every line but the last is complete; the last may still grow.
+        # Every line but the last is complete; the last may still grow, and may
+        # end with the CR of a CRLF whose LF has not arrived yet.
+        if lines[-1].endswith(b"\r"):
+            lines[-1] = lines[-1][:-1]
         self._check_lines(lines[:-1])
         limit = self.max_request_line if len(lines) == 1 else self.max_header_line
         if len(lines[-1]) > limit:
@@ -389,6 +392,8 @@ class ClientHandshake:
             elif isinstance(event, h11.Data):
                 room = self._max_response_size - len(self._body)
                 self._body += event.data[: max(room, 0)]
+                if len(self._body) >= self._max_response_size:
+                    self._end_of_data()  # enough of the body: do not read forever
             elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
                 self._end_of_data()
 

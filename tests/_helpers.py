@@ -1,0 +1,296 @@
+"""Shared helpers for the tests that speak raw bytes or count tasks.
+
+Imported as ``from _helpers import ...``: pytest puts ``tests/`` on ``sys.path``
+(the directory has no ``__init__.py``).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import queue
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import trio
+
+HOST = "127.0.0.1"
+
+
+# -- tasks ----------------------------------------------------------------------
+
+
+def count_tasks() -> int:
+    """Every task alive in this trio run, found from the root task down."""
+
+    def walk(task: trio.lowlevel.Task) -> int:
+        return 1 + sum(
+            walk(child) for nursery in task.child_nurseries for child in nursery.child_tasks
+        )
+
+    return walk(trio.lowlevel.current_root_task())
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 3.0, what: str = "") -> None:
+    """Poll ``predicate`` every 10 ms until it holds; fail after ``timeout`` seconds."""
+    with trio.move_on_after(timeout):
+        while not predicate():
+            await trio.sleep(0.01)
+        return
+    raise AssertionError(f"condition not met within {timeout} s: {what or predicate}")
+
+
+async def assert_no_leftover_tasks(baseline: int, timeout: float = 3.0) -> None:
+    """Wait (bounded) until the task count is back to ``baseline``."""
+    await wait_until(
+        lambda: count_tasks() <= baseline,
+        timeout,
+        f"task count back to {baseline} (now {count_tasks()})",
+    )
+    assert count_tasks() == baseline
+
+
+# -- a thread-safe recorder, read from trio -----------------------------------------
+
+
+class Recorder:
+    """A queue any thread or event loop can ``put`` to; trio ``get``s with a timeout."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[Any] = queue.Queue()
+
+    def put(self, item: Any) -> None:
+        self._queue.put(item)
+
+    async def get(self, timeout: float = 5.0) -> Any:
+        try:
+            return await trio.to_thread.run_sync(
+                partial(self._queue.get, timeout=timeout), abandon_on_cancel=True
+            )
+        except queue.Empty:
+            raise AssertionError(f"nothing recorded within {timeout} s") from None
+
+    def empty(self) -> bool:
+        return self._queue.empty()
+
+
+# -- frames ---------------------------------------------------------------------
+
+OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+MASK_KEY = b"\x37\xfa\x21\x3d"
+
+
+def apply_mask(data: bytes, key: bytes) -> bytes:
+    return bytes(b ^ key[i % 4] for i, b in enumerate(data))
+
+
+def build_frame(
+    opcode: int,
+    payload: bytes = b"",
+    *,
+    fin: bool = True,
+    rsv: int = 0,
+    mask: bytes | None = MASK_KEY,
+) -> bytes:
+    """One frame, by hand. ``rsv`` is the 3 RSV bits as a number (4 = RSV1).
+
+    ``mask=None`` makes an unmasked frame (what a server sends).
+    """
+    head = bytes([(0x80 if fin else 0) | (rsv << 4) | opcode])
+    mask_bit = 0x80 if mask is not None else 0
+    n = len(payload)
+    if n < 126:
+        head += bytes([mask_bit | n])
+    elif n < 1 << 16:
+        head += bytes([mask_bit | 126]) + struct.pack("!H", n)
+    else:
+        head += bytes([mask_bit | 127]) + struct.pack("!Q", n)
+    if mask is not None:
+        return head + mask + apply_mask(payload, mask)
+    return head + payload
+
+
+def close_payload(code: int, reason: str | bytes = b"") -> bytes:
+    raw = reason.encode("utf-8") if isinstance(reason, str) else reason
+    return struct.pack("!H", code) + raw
+
+
+@dataclass
+class Frame:
+    fin: bool
+    rsv: int
+    opcode: int
+    payload: bytes
+    masked: bool
+
+    @property
+    def close_code(self) -> int | None:
+        assert self.opcode == OP_CLOSE
+        return struct.unpack("!H", self.payload[:2])[0] if len(self.payload) >= 2 else None
+
+    @property
+    def close_reason(self) -> str:
+        assert self.opcode == OP_CLOSE
+        return self.payload[2:].decode("utf-8")
+
+
+class FrameReader:
+    """Reads frames (masked or not) from a trio stream, for a hand-made peer."""
+
+    def __init__(self, stream: trio.abc.Stream, data: bytes = b"") -> None:
+        self.stream = stream
+        self.buffer = bytearray(data)
+        self.eof = False
+
+    async def _fill(self, n: int) -> bool:
+        while len(self.buffer) < n:
+            chunk = await self.stream.receive_some(65536)
+            if not chunk:
+                self.eof = True
+                return False
+            self.buffer += chunk
+        return True
+
+    async def read_frame(self) -> Frame | None:
+        """The next frame, or None at end of file."""
+        if not await self._fill(2):
+            return None
+        b0, b1 = self.buffer[0], self.buffer[1]
+        length = b1 & 0x7F
+        offset = 2
+        if length == 126:
+            if not await self._fill(4):
+                return None
+            length = struct.unpack("!H", self.buffer[2:4])[0]
+            offset = 4
+        elif length == 127:
+            if not await self._fill(10):
+                return None
+            length = struct.unpack("!Q", self.buffer[2:10])[0]
+            offset = 10
+        masked = bool(b1 & 0x80)
+        key = b""
+        if masked:
+            if not await self._fill(offset + 4):
+                return None
+            key = bytes(self.buffer[offset : offset + 4])
+            offset += 4
+        if not await self._fill(offset + length):
+            return None
+        payload = bytes(self.buffer[offset : offset + length])
+        del self.buffer[: offset + length]
+        if masked:
+            payload = apply_mask(payload, key)
+        return Frame(bool(b0 & 0x80), (b0 >> 4) & 7, b0 & 0x0F, payload, masked)
+
+    async def read_all(self) -> list[Frame]:
+        """Every frame until end of file."""
+        frames = []
+        while (frame := await self.read_frame()) is not None:
+            frames.append(frame)
+        return frames
+
+
+# -- HTTP -------------------------------------------------------------------------
+
+
+def new_key() -> str:
+    return base64.b64encode(os.urandom(16)).decode("ascii")
+
+
+def upgrade_request(
+    path: str = "/",
+    *,
+    method: str = "GET",
+    version: str = "HTTP/1.1",
+    headers: Iterable[tuple[str, str]] | None = None,
+    drop: Iterable[str] = (),
+    extra: Iterable[tuple[str, str]] = (),
+) -> bytes:
+    """An upgrade request; ``drop`` removes default headers (by lower-case name)."""
+    if headers is None:
+        headers = [
+            ("Host", f"{HOST}"),
+            ("Upgrade", "websocket"),
+            ("Connection", "Upgrade"),
+            ("Sec-WebSocket-Key", new_key()),
+            ("Sec-WebSocket-Version", "13"),
+        ]
+    dropped = {name.lower() for name in drop}
+    lines = [f"{method} {path} {version}"]
+    lines += [f"{k}: {v}" for k, v in headers if k.lower() not in dropped]
+    lines += [f"{k}: {v}" for k, v in extra]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+@dataclass
+class HTTPHead:
+    status: int
+    headers: list[tuple[str, str]]
+    rest: bytes
+
+    def header(self, name: str) -> str | None:
+        """The first value of ``name``, or None."""
+        values = self.header_all(name)
+        return values[0] if values else None
+
+    def header_all(self, name: str) -> list[str]:
+        return [value for key, value in self.headers if key.lower() == name.lower()]
+
+    def tokens(self, name: str) -> list[str]:
+        """The comma-separated tokens of every ``name`` header, lower-cased."""
+        return [t.strip().lower() for v in self.header_all(name) for t in v.split(",") if t.strip()]
+
+
+async def read_head(stream: trio.abc.Stream, limit: int = 1 << 20) -> tuple[bytes, bytes]:
+    """Read up to and including a blank line: ``(head, bytes after it)``."""
+    buffer = bytearray()
+    while b"\r\n\r\n" not in buffer:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            raise EOFError(f"EOF before the end of the HTTP head: {bytes(buffer)!r}")
+        buffer += chunk
+        assert len(buffer) < limit
+    end = buffer.index(b"\r\n\r\n") + 4
+    return bytes(buffer[:end]), bytes(buffer[end:])
+
+
+async def read_response(stream: trio.abc.Stream) -> HTTPHead:
+    head, rest = await read_head(stream)
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers = [tuple(s.strip() for s in line.split(":", 1)) for line in lines[1:] if line]
+    return HTTPHead(status, headers, rest)  # type: ignore[arg-type]
+
+
+async def read_to_eof(stream: trio.abc.Stream) -> bytes:
+    out = bytearray()
+    while chunk := await stream.receive_some(65536):
+        out += chunk
+    return bytes(out)
+
+
+async def raw_connect(
+    port: int,
+    path: str = "/",
+    *,
+    extra: Iterable[tuple[str, str]] = (),
+) -> tuple[trio.SocketStream, FrameReader, HTTPHead]:
+    """A hand-made WebSocket client: TCP, upgrade request, 101 checked."""
+    stream = await trio.open_tcp_stream(HOST, port)
+    await stream.send_all(upgrade_request(path, extra=extra))
+    head = await read_response(stream)
+    assert head.status == 101, head
+    return stream, FrameReader(stream, head.rest), head
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 where nothing listens (bound, then released)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
