@@ -245,7 +245,12 @@ class ServerHandshake:
         response = h11.InformationalResponse(
             status_code=101, headers=headers, reason=b"Switching Protocols"
         )
-        return self._h11.send(response) or b"", enabled
+        data = self._h11.send(response) or b""
+        # The h11 state machine is done with: free it (it is most of the
+        # handshake's memory, and the request object may live as long as the
+        # connection does).
+        del self._h11
+        return data, enabled
 
     def reject(
         self,
