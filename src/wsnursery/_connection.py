@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import socket as _stdlib_socket
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -43,7 +42,7 @@ from trio.lowlevel import (
 )
 
 from ._exceptions import CloseCode, CloseReason, ConnectionClosed
-from ._protocol import Message, Protocol, ProtocolState
+from ._protocol import Frame, Message, Protocol, ProtocolState
 
 if TYPE_CHECKING:
     from ._headers import Headers
@@ -53,7 +52,8 @@ __all__ = ["WebSocketConnection"]
 logger = logging.getLogger("wsnursery.connection")
 
 _OPEN = ProtocolState.OPEN
-_READ_SIZE = 65536
+# Large enough that a 64 KiB message and its header arrive in one read.
+_READ_SIZE = 262144
 # Yield to the scheduler at least once every this many calls that did not
 # block, so a tight send or receive loop cannot starve other tasks.
 _YIELD_EVERY = 16
@@ -61,6 +61,7 @@ _YIELD_EVERY = 16
 # is followed by Protocol.receive_data (which copies) with no await between.
 _SHARED_BUFFER = bytearray(_READ_SIZE)
 _SHARED_VIEW = memoryview(_SHARED_BUFFER)
+_SHARED_BUFFERS = [_SHARED_BUFFER]
 
 _TRANSPORT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
@@ -76,78 +77,80 @@ class _Transport:
     async def receive(self) -> bytes | bytearray | memoryview:
         return await self.stream.receive_some(_READ_SIZE)
 
-    async def send(self, data: bytes) -> None:
-        await self.stream.send_all(data)
+    async def send(self, data: Frame) -> None:
+        await self.stream.send_all(b"".join(data) if isinstance(data, list) else data)
 
-    def try_send(self, data: bytes) -> int:
+    def try_send(self, data: Frame) -> int:
         """Write what fits without blocking; the generic path writes nothing."""
         return 0
 
     def detach(self) -> None:
         pass
 
+    async def close(self) -> None:
+        await trio.aclose_forcefully(self.stream)
+
 
 class _SocketTransport(_Transport):
     """The fast path for :class:`trio.SocketStream`: non-blocking syscalls.
 
-    A second, detached stdlib socket object on the same file descriptor makes
-    the plain ``recv_into``/``send`` calls; trio keeps ownership of the
-    descriptor and closes it. Waiting uses ``wait_readable``/``wait_writable``,
-    which ``SocketStream.aclose`` interrupts with ``ClosedResourceError``.
+    Reads and writes are plain ``readv``/``write``/``writev`` calls on the
+    socket's file descriptor, which trio keeps owning (and closing). Waiting
+    uses ``wait_readable``/``wait_writable``, which closing the socket
+    interrupts with ``ClosedResourceError``. A frame given as header and
+    payload goes out with one ``writev``, so a large payload is never copied
+    to be joined to its header.
     """
 
-    __slots__ = ("sock",)
+    __slots__ = ("fd",)
 
     def __init__(self, stream: trio.SocketStream) -> None:
         super().__init__(stream)
-        trio_sock = stream.socket
-        self.sock: _stdlib_socket.socket | None = _stdlib_socket.socket(
-            trio_sock.family, trio_sock.type, trio_sock.proto, fileno=trio_sock.fileno()
-        )
-        self.sock.setblocking(False)
+        self.fd = stream.socket.fileno()
 
     async def receive(self) -> bytes | bytearray | memoryview:
         while True:
-            sock = self.sock
-            if sock is None:
+            fd = self.fd
+            if fd < 0:
                 raise trio.ClosedResourceError("connection closed")
             try:
-                n = sock.recv_into(_SHARED_BUFFER)
+                n = os.readv(fd, _SHARED_BUFFERS)
             except BlockingIOError:
-                await wait_readable(sock)
+                await wait_readable(fd)
                 continue
             return _SHARED_VIEW[:n]
 
-    def try_send(self, data: bytes) -> int:
-        sock = self.sock
-        if sock is None:
+    def try_send(self, data: Frame) -> int:
+        fd = self.fd
+        if fd < 0:
             raise trio.ClosedResourceError("connection closed")
         try:
-            return sock.send(data)
+            if isinstance(data, list):
+                return os.writev(fd, data)
+            return os.write(fd, data)
         except BlockingIOError:
             return 0
 
-    async def send(self, data: bytes) -> None:
-        view = memoryview(data)
+    async def send(self, data: Frame) -> None:
+        view = memoryview(b"".join(data) if isinstance(data, list) else data)
         while view:
-            sock = self.sock
-            if sock is None:
+            if self.fd < 0:
                 raise trio.ClosedResourceError("connection closed")
-            await wait_writable(sock)
+            await wait_writable(self.fd)
             view = view[self.try_send(view) :]  # type: ignore[arg-type]
 
     def detach(self) -> None:
-        if self.sock is not None:
-            self.sock.detach()
-            self.sock = None
+        self.fd = -1
+
+    async def close(self) -> None:
+        # SocketStream.aclose is socket.close() plus a checkpoint: skip the checkpoint.
+        self.fd = -1
+        self.stream.socket.close()  # type: ignore[attr-defined]
 
 
 def _make_transport(stream: trio.abc.Stream) -> _Transport:
     if type(stream) is trio.SocketStream and isinstance(stream.socket, trio.socket.SocketType):
-        try:
-            return _SocketTransport(stream)
-        except (OSError, AttributeError):  # pragma: no cover - exotic socket types
-            pass
+        return _SocketTransport(stream)
     return _Transport(stream)
 
 
@@ -348,8 +351,7 @@ class WebSocketConnection(trio.abc.AsyncResource):
         proto = self._proto
         if proto.closed is None:
             proto.abort(why)
-        self._transport.detach()
-        await trio.aclose_forcefully(self._stream)
+        await self._transport.close()
         self._finished.set()
         self._message_lot.unpark_all()
         self._room_lot.unpark_all()
@@ -362,7 +364,7 @@ class WebSocketConnection(trio.abc.AsyncResource):
         """Write bytes already framed (pongs, close frames) in order with the rest."""
         await self._send_frame(bytes, data)
 
-    async def _send_frame(self, make_frame: Callable[[Any], bytes], arg: Any) -> None:
+    async def _send_frame(self, make_frame: Callable[[Any], Frame], arg: Any) -> None:
         """Frame with ``make_frame(arg)`` and write it, in order with every other frame.
 
         Framing happens only once it is this frame's turn to be written: a
@@ -380,11 +382,13 @@ class WebSocketConnection(trio.abc.AsyncResource):
                 sent = self._transport.try_send(data)
             except _TRANSPORT_ERRORS as exc:
                 await self._send_broke(exc)
-            if sent == len(data):
+            size = sum(len(part) for part in data) if isinstance(data, list) else len(data)
+            if sent == size:
                 return
+            rest = (b"".join(data) if isinstance(data, list) else data)[sent:]
             lock.acquire_nowait()  # free: nothing was awaited since the check
             try:
-                await self._transmit(data[sent:])
+                await self._transmit(rest)
             finally:
                 lock.release()
             return
@@ -396,7 +400,7 @@ class WebSocketConnection(trio.abc.AsyncResource):
         finally:
             lock.release()
 
-    async def _transmit(self, data: bytes) -> None:
+    async def _transmit(self, data: Frame) -> None:
         try:
             await self._transport.send(data)
         except trio.Cancelled:
@@ -455,11 +459,11 @@ class WebSocketConnection(trio.abc.AsyncResource):
         await self._send_frame(self._frame_message, message)
         await self._maybe_yield()
 
-    def _frame_message(self, message: Message) -> bytes:
+    def _frame_message(self, message: Message) -> Frame:
         if self._proto.state is not _OPEN:
             # The connection started closing while this send waited its turn.
             raise self._closed_error()
-        return self._proto.send_message(message)
+        return self._proto.frame_message(message)
 
     async def get_message(self) -> Message:
         """Return the next message: ``str`` for text, ``bytes`` for binary.

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import wsproto.frame_protocol as _frame_protocol
 
-__all__ = ["FastXorMasker", "active_masker", "install", "uninstall"]
+__all__ = ["FastXorMasker", "active_masker", "install", "mask", "uninstall"]
 
 _ORIGINAL = _frame_protocol.XorMaskerSimple
 apply_mask: Callable[[bytes, bytes], bytes] | None
@@ -50,6 +50,15 @@ class FastXorMasker:
         if shift:
             self._key = key[shift:] + key[:shift]
         return out
+
+
+def mask(data: bytes, key: bytes) -> bytes:
+    """XOR ``data`` with the 4-byte ``key`` repeated, with the active masker."""
+    if not data:
+        return b""
+    if apply_mask is not None and active_masker() == "c":
+        return apply_mask(data, key)
+    return bytes(_frame_protocol.XorMaskerSimple(key).process(bytearray(data)))
 
 
 def install() -> bool:
