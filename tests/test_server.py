@@ -363,3 +363,37 @@ async def test_handler_error_is_logged_with_traceback(caplog: pytest.LogCaptureF
 def test_public_names_report_the_public_module() -> None:
     assert WebSocketConnection.__module__ == "wsnursery"
     assert serve_websocket.__module__ == "wsnursery"
+
+
+async def test_server_keepalive_closes_a_silent_client_and_keeps_live_ones() -> None:
+    closed: list[tuple[int, str]] = []
+
+    async def watch(request: WebSocketRequest) -> None:
+        conn = await request.accept()
+        reason = await conn.wait_closed()
+        closed.append((reason.code, reason.reason))
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            server = await start(nursery, watch, ping_interval=0.2, ping_timeout=0.3)
+            url = f"ws://127.0.0.1:{server.port}/"
+            # A live client: its reader answers the server's pings.
+            async with open_websocket_url(url, ping_interval=None) as live:
+                # A silent one: handshake by hand, then never read again.
+                silent = await trio.open_tcp_stream("127.0.0.1", server.port)
+                await silent.send_all(
+                    b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                    b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+                )
+                start_time = trio.current_time()
+                while not closed:
+                    await trio.sleep(0.05)
+                elapsed = trio.current_time() - start_time
+                assert closed == [(1011, "keepalive ping timeout")]
+                assert 0.3 <= elapsed < 1.5  # within ping_interval + ping_timeout (+ slack)
+                await trio.sleep(1.0)  # five more ping rounds
+                assert live.closed is None
+                assert len(server.connections) == 1
+                await silent.aclose()
+            nursery.cancel_scope.cancel()

@@ -221,6 +221,8 @@ class WebSocketConnection(trio.abc.AsyncResource):
         self._reader_paused = False
         self._paused_during_ping = False
         self._calls_since_yield = 0
+        self._keepalive_busy = False
+        self._nursery: trio.Nursery | None = None
 
     def __repr__(self) -> str:
         side = "client" if self._proto.client else "server"
@@ -245,10 +247,15 @@ class WebSocketConnection(trio.abc.AsyncResource):
 
     # -- background tasks ----------------------------------------------------
 
-    def _start(self, nursery: trio.Nursery) -> None:
-        """Start the reader and keep-alive tasks in ``nursery``."""
+    def _start(self, nursery: trio.Nursery, *, keepalive_task: bool = True) -> None:
+        """Start the reader (and, unless someone else schedules pings, the keep-alive).
+
+        A server pings all its connections from one task of its own
+        (``keepalive_task=False``); a client connection runs its own.
+        """
+        self._nursery = nursery
         nursery.start_soon(self._reader, name=f"wsnursery reader {self.remote}")
-        if self._ping_interval is not None:
+        if self._ping_interval is not None and keepalive_task:
             nursery.start_soon(self._keepalive, name=f"wsnursery keep-alive {self.remote}")
 
     async def _reader(self) -> None:
@@ -303,8 +310,9 @@ class WebSocketConnection(trio.abc.AsyncResource):
 
     def _ack_pongs(self) -> None:
         # A pong acknowledges its ping and every ping sent before it.
-        while self._proto.pongs:
-            payload = self._proto.pongs.popleft()
+        pongs = self._proto.pongs
+        while pongs:
+            payload = pongs.pop(0)
             if payload not in self._pings:
                 continue  # unsolicited pong: allowed, ignored
             for key in list(self._pings):
@@ -314,22 +322,36 @@ class WebSocketConnection(trio.abc.AsyncResource):
 
     async def _keepalive(self) -> None:
         assert self._ping_interval is not None
+        while True:
+            await trio.sleep(self._ping_interval)
+            if self._proto.state is not _OPEN:
+                return
+            if self.keepalive_due():
+                await self._keepalive_once()
+
+    def keepalive_due(self) -> bool:
+        """True when a keep-alive ping should go out now (for a shared scheduler)."""
+        return (
+            self._ping_interval is not None
+            and self._proto.state is _OPEN
+            and not self._reader_paused  # the peer fills our queue: it is alive
+            and not self._keepalive_busy
+        )
+
+    async def _keepalive_once(self) -> None:
+        """Ping; if no pong comes within ping_timeout, fail the connection with 1011."""
+        self._keepalive_busy = True
+        self._paused_during_ping = False
         try:
-            while True:
-                await trio.sleep(self._ping_interval)
-                if self._proto.state is not _OPEN:
-                    return
-                if self._reader_paused:
-                    continue  # the peer fills our queue: it is alive
-                self._paused_during_ping = False
-                with trio.move_on_after(_timeout(self._ping_timeout)) as scope:
-                    await self.ping()
-                if scope.cancelled_caught and not self._paused_during_ping:
-                    logger.info("keep-alive ping timeout on %s; closing", self.remote)
-                    await self._fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
-                    return
+            with trio.move_on_after(_timeout(self._ping_timeout)) as scope:
+                await self.ping()
         except ConnectionClosed:
             return
+        finally:
+            self._keepalive_busy = False
+        if scope.cancelled_caught and not self._paused_during_ping:
+            logger.info("keep-alive ping timeout on %s; closing", self.remote)
+            await self._fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
 
     async def _fail(self, code: int, reason: str) -> None:
         """Fail the connection: send a close frame (best effort) and drop TCP."""

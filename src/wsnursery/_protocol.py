@@ -155,7 +155,7 @@ class Protocol:
         #: Whole messages received and not yet taken, oldest first.
         self.messages: deque[Message] = deque()
         #: Payloads of the pongs received and not yet taken.
-        self.pongs: deque[bytes] = deque()
+        self.pongs: list[bytes] = []
         #: Number of pings received (and answered).
         self.pings_received = 0
         #: The close frame we sent, if any.

@@ -128,12 +128,6 @@ class WebSocketRequest:
         response, enabled = self._handshake.accept(
             subprotocol=subprotocol, extensions=extensions, extra_headers=extra_headers
         )
-        try:
-            await self._stream.send_all(response)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise ConnectionClosed.for_reason(_lost()) from exc
-        if self._open_scope is not None:
-            self._open_scope.deadline = math.inf  # the open_timeout no longer applies
         conn = WebSocketConnection(
             self._stream,
             Protocol(client=False, extensions=enabled, max_message_size=server.max_message_size),
@@ -150,8 +144,14 @@ class WebSocketRequest:
             local=self.local,
             remote=self.remote,
         )
+        try:
+            await conn._write(response)
+        except ConnectionClosed as exc:
+            raise ConnectionClosed.for_reason(_lost()) from exc.__cause__
+        if self._open_scope is not None:
+            self._open_scope.deadline = math.inf  # the open_timeout no longer applies
         self.connection = conn
-        conn._start(self._nursery)
+        conn._start(self._nursery, keepalive_task=False)  # the server pings from one task
         server._connections.add(conn)
         logger.debug("accepted %s from %s", self.path, self.remote)
         return conn
@@ -290,6 +290,8 @@ class WebSocketServer:
                 async with graceful_scope() as body, trio.open_nursery() as nursery:
                     for listener in self.listeners:
                         nursery.start_soon(self._accept_loop, listener, nursery)
+                    if self.ping_interval is not None:
+                        nursery.start_soon(self._keepalive_loop, self.ping_interval)
                     task_status.started(self)
                     with body:
                         await self._stop_requested.wait()
@@ -320,6 +322,19 @@ class WebSocketServer:
             if self._handling:
                 await self._idle.wait()
         nursery.cancel_scope.cancel()
+
+    async def _keepalive_loop(self, interval: float) -> None:
+        """Ping every open connection every ``interval`` seconds, from one task.
+
+        One task per server rather than one per connection: an idle connection
+        costs no task and no timer. Each ping (and its timeout) runs in the
+        connection's own nursery.
+        """
+        while True:
+            await trio.sleep(interval)
+            for conn in list(self._connections):
+                if conn.keepalive_due() and conn._nursery is not None:
+                    conn._nursery.start_soon(conn._keepalive_once)
 
     async def _accept_loop(self, listener: trio.abc.Listener[Any], nursery: trio.Nursery) -> None:
         while True:
