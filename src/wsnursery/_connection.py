@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import trio
@@ -64,6 +64,11 @@ _SHARED_VIEW = memoryview(_SHARED_BUFFER)
 _SHARED_BUFFERS = [_SHARED_BUFFER]
 
 _TRANSPORT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+_MESSAGE_TYPES = (str, bytes, bytearray, memoryview)
+
+
+def _frame_size(frame: Frame) -> int:
+    return sum(len(part) for part in frame) if isinstance(frame, list) else len(frame)
 
 
 class _Transport:
@@ -279,7 +284,10 @@ class WebSocketConnection(trio.abc.AsyncResource):
                     continue
                 data = await transport.receive()
                 proto.receive_data(data)
-                await self._after_receive()
+                if proto._out or proto.pongs or proto.transport_should_close:
+                    await self._after_receive()
+                elif proto.messages and self._message_lot:
+                    self._message_lot.unpark_all()
         except _TRANSPORT_ERRORS as exc:
             if not self._transport_closed:
                 logger.debug("transport failed: %r", exc)
@@ -301,7 +309,7 @@ class WebSocketConnection(trio.abc.AsyncResource):
                 await self._write(out)
             except ConnectionClosed:
                 pass
-        if proto.messages:
+        if proto.messages and self._message_lot:
             self._message_lot.unpark_all()
         if proto.pongs:
             self._ack_pongs()
@@ -404,15 +412,8 @@ class WebSocketConnection(trio.abc.AsyncResource):
                 sent = self._transport.try_send(data)
             except _TRANSPORT_ERRORS as exc:
                 await self._send_broke(exc)
-            size = sum(len(part) for part in data) if isinstance(data, list) else len(data)
-            if sent == size:
-                return
-            rest = (b"".join(data) if isinstance(data, list) else data)[sent:]
-            lock.acquire_nowait()  # free: nothing was awaited since the check
-            try:
-                await self._transmit(rest)
-            finally:
-                lock.release()
+            if sent != _frame_size(data):
+                await self._finish_send(data, sent)
             return
         await lock.acquire()  # cancelled while queued: nothing framed, nothing lost
         try:
@@ -421,6 +422,15 @@ class WebSocketConnection(trio.abc.AsyncResource):
             await self._transmit(make_frame(arg))
         finally:
             lock.release()
+
+    async def _finish_send(self, data: Frame, sent: int) -> None:
+        """Write the rest of a frame the socket took only part of, holding the lock."""
+        rest = (b"".join(data) if isinstance(data, list) else data)[sent:]
+        self._send_lock.acquire_nowait()  # free: nothing was awaited since the check
+        try:
+            await self._transmit(rest)
+        finally:
+            self._send_lock.release()
 
     async def _transmit(self, data: Frame) -> None:
         try:
@@ -447,12 +457,6 @@ class WebSocketConnection(trio.abc.AsyncResource):
         )
         return ConnectionClosed.for_reason(reason)
 
-    async def _maybe_yield(self) -> None:
-        self._calls_since_yield += 1
-        if self._calls_since_yield >= _YIELD_EVERY:
-            self._calls_since_yield = 0
-            await cancel_shielded_checkpoint()
-
     # -- public API ----------------------------------------------------------
 
     async def send_message(self, message: str | bytes | bytearray | memoryview) -> None:
@@ -473,13 +477,27 @@ class WebSocketConnection(trio.abc.AsyncResource):
             half-sent frame cannot be taken back.
         """
         await checkpoint_if_cancelled()
-        if not isinstance(message, str | bytes | bytearray | memoryview):
-            raise TypeError(f"message must be str or bytes-like, not {type(message).__name__}")
+        kind = type(message)
+        if kind is not str and kind is not bytes and not isinstance(message, _MESSAGE_TYPES):
+            raise TypeError(f"message must be str or bytes-like, not {kind.__name__}")
         proto = self._proto
         if proto.state is not _OPEN or self._transport_closed:
             raise self._closed_error()
-        await self._send_frame(self._frame_message, message)
-        await self._maybe_yield()
+        if self._send_lock.locked():
+            await self._send_frame(self._frame_message, message)
+        else:
+            # The common case, inline: frame and write without blocking.
+            data = proto.frame_message(message)
+            try:
+                sent = self._transport.try_send(data)
+            except _TRANSPORT_ERRORS as exc:
+                await self._send_broke(exc)
+            if sent != (len(data) if type(data) is bytes else _frame_size(data)):
+                await self._finish_send(data, sent)
+        self._calls_since_yield += 1
+        if self._calls_since_yield >= _YIELD_EVERY:
+            self._calls_since_yield = 0
+            await cancel_shielded_checkpoint()
 
     def _frame_message(self, message: Message) -> Frame:
         if self._proto.state is not _OPEN:
@@ -498,8 +516,9 @@ class WebSocketConnection(trio.abc.AsyncResource):
             Nothing is lost: a message is only removed from the queue when
             this call returns it.
         """
-        await checkpoint_if_cancelled()
         messages = self._proto.messages
+        if messages:
+            await checkpoint_if_cancelled()  # otherwise parking below is the checkpoint
         while not messages:
             if self._finished.is_set():
                 raise self._closed_error()
@@ -512,21 +531,27 @@ class WebSocketConnection(trio.abc.AsyncResource):
         message = messages.popleft()
         if self._reader_paused and len(messages) < self._max_queue:
             self._room_lot.unpark_all()
-        await self._maybe_yield()
+        self._calls_since_yield += 1
+        if self._calls_since_yield >= _YIELD_EVERY:
+            self._calls_since_yield = 0
+            await cancel_shielded_checkpoint()
         return message
 
-    def __aiter__(self) -> AsyncIterator[Message]:
-        return self._iterate()
+    def __aiter__(self) -> WebSocketConnection:
+        return self
 
-    async def _iterate(self) -> AsyncIterator[Message]:
-        while True:
-            try:
-                message = await self.get_message()
-            except ConnectionClosed as exc:
-                if exc.reason.ok:
-                    return
-                raise
-            yield message
+    async def __anext__(self) -> Message:
+        """The next message; the iteration ends on a normal close (1000, 1001, 1005).
+
+        Raises:
+            ConnectionClosedError: the connection closed abnormally.
+        """
+        try:
+            return await self.get_message()
+        except ConnectionClosed as exc:
+            if exc.reason.ok:
+                raise StopAsyncIteration from None
+            raise
 
     async def ping(self, payload: bytes | None = None) -> None:
         """Send a ping and wait for the matching pong.
