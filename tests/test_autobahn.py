@@ -53,33 +53,38 @@ def run_suite(side: str, tmp_path: Path) -> None:
     env["WSN_AB_PYTHON"] = sys.executable
     outdir = tmp_path / f"autobahn-{side}"
     cmd = [sys.executable, str(RUNNER), side, "ci", "--outdir", str(outdir)]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
-        proc = subprocess.run(
-            cmd,
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=RUN_TIMEOUT_S,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
-        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout
-        pytest.fail(f"{' '.join(cmd)} did not finish within {RUN_TIMEOUT_S} s:\n{out}")
-    output = proc.stdout + proc.stderr
+        stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # SIGTERM: the runner stops the server and wstest it started
+        try:
+            stdout, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, _ = proc.communicate()
+        pytest.fail(f"{' '.join(cmd)} did not finish within {RUN_TIMEOUT_S} s:\n{stdout}")
+    output = stdout + stderr
     print(output)  # the summary, shown by pytest when the test fails
     context = f"\n--- {' '.join(cmd)} (exit {proc.returncode}) ---\n{output}\nreport: {outdir}"
 
     assert proc.returncode == 0, f"the {side} suite did not pass{context}"
-    match = SUMMARY.search(proc.stdout)
+    match = SUMMARY.search(stdout)
     assert match, f"no summary line in the output{context}"
     assert match["side"] == side
     assert int(match["failed"]) == 0, f"FAILED cases{context}"
     assert match["rest"].strip() == "", f"other verdicts or MISSING cases{context}"
     counted = sum(int(match[k]) for k in ("ok", "non_strict", "informational", "unimplemented"))
     assert counted == CI_CASES, f"{counted} verdicts, expected {CI_CASES}{context}"
-    assert f" cases={CI_CASES} reported={CI_CASES} " in proc.stdout, context
+    assert f" cases={CI_CASES} reported={CI_CASES} " in stdout, context
 
     summary = json.loads((outdir / "summary.json").read_text(encoding="utf-8"))
     assert summary["expected"] == CI_CASES

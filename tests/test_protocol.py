@@ -451,3 +451,26 @@ def test_our_frames_match_wsproto_byte_for_byte(size: int, text: bool) -> None:
     client_frame = Protocol(client=True).frame_message(message)
     server.receive_data(b"".join(client_frame) if isinstance(client_frame, list) else client_frame)
     assert list(server.messages) == [message]
+
+
+def test_message_queue_is_fifo_through_growth_and_compaction() -> None:
+    from wsnursery._protocol import MessageQueue
+
+    queue = MessageQueue()
+    expected: list[str] = []
+    taken: list[str] = []
+    n = 0
+    for round_ in range(50):
+        for _ in range(round_ * 3 % 200):
+            queue.append(str(n))
+            expected.append(str(n))
+            n += 1
+        for _ in range(min(len(queue), round_ * 2)):
+            taken.append(queue.popleft())  # type: ignore[arg-type]
+        assert len(queue) == len(expected) - len(taken)
+        assert list(queue) == expected[len(taken) :]
+    while queue:
+        taken.append(queue.popleft())  # type: ignore[arg-type]
+    assert taken == expected
+    with pytest.raises(IndexError):
+        queue.popleft()

@@ -198,11 +198,12 @@ class WebSocketConnection(trio.abc.AsyncResource):
         close_timeout: float | None = 10.0,
         local: Any = None,
         remote: Any = None,
+        transport: _Transport | None = None,
     ) -> None:
         if max_queue < 1:
             raise ValueError("max_queue must be at least 1")
         self._stream = stream
-        self._transport = _make_transport(stream)
+        self._transport = transport or _make_transport(stream)
         self._proto = protocol
         self.path = path
         self.query = dict(query or {})

@@ -117,7 +117,7 @@ class ServerHandshake:
     def max_head_size(self) -> int:
         return self.max_request_line + (self.max_headers + 1) * (self.max_header_line + 2)
 
-    def receive_data(self, data: bytes | bytearray) -> RequestHead | None:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> RequestHead | None:
         """Feed bytes; return the request head once it is complete.
 
         Raises:

@@ -36,8 +36,7 @@ import enum
 import os
 import struct
 import zlib
-from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import cast
 
 from wsproto.extensions import Extension, PerMessageDeflate
@@ -63,6 +62,56 @@ _CONTINUATION = Opcode.CONTINUATION
 _PING = Opcode.PING
 _PONG = Opcode.PONG
 _CLOSE = Opcode.CLOSE
+
+
+class MessageQueue:
+    """A FIFO of received messages: a list and a read position.
+
+    An empty ``collections.deque`` costs about 700 bytes, most of an idle
+    connection's protocol state; this costs about 100. ``popleft`` is O(1)
+    amortised: the list is cleared whenever it is drained and compacted when
+    the read position passes half its length.
+    """
+
+    __slots__ = ("_head", "_items")
+
+    def __init__(self) -> None:
+        self._items: list[Message | None] = []
+        self._head = 0
+
+    def append(self, message: Message) -> None:
+        self._items.append(message)
+
+    def popleft(self) -> Message:
+        items = self._items
+        head = self._head
+        if head >= len(items):
+            raise IndexError("pop from an empty queue")
+        message = items[head]
+        assert message is not None
+        head += 1
+        if head == len(items):
+            items.clear()
+            head = 0
+        else:
+            items[head - 1] = None  # do not keep a taken message alive
+            if head >= 64 and 2 * head >= len(items):
+                del items[:head]
+                head = 0
+        self._head = head
+        return message
+
+    def __len__(self) -> int:
+        return len(self._items) - self._head
+
+    def __bool__(self) -> bool:
+        return len(self._items) > self._head
+
+    def __iter__(self) -> Iterator[Message]:
+        return iter(cast("list[Message]", self._items[self._head :]))
+
+    def __getitem__(self, index: int) -> Message:
+        return cast("list[Message]", self._items[self._head :])[index]
 
 
 def _join(parts: list[Message]) -> Message:
@@ -153,7 +202,7 @@ class Protocol:
         self._proto = FrameProtocol(client, self.extensions)
         self.state = ProtocolState.OPEN
         #: Whole messages received and not yet taken, oldest first.
-        self.messages: deque[Message] = deque()
+        self.messages = MessageQueue()
         #: Payloads of the pongs received and not yet taken.
         self.pongs: list[bytes] = []
         #: Number of pings received (and answered).

@@ -23,7 +23,7 @@ from typing import Any
 
 import trio
 
-from ._connection import WebSocketConnection
+from ._connection import WebSocketConnection, _make_transport, _Transport
 from ._exceptions import CloseCode, CloseReason, ConnectionClosed
 from ._handshake import HTTPError, RequestHead, ServerHandshake
 from ._headers import HeaderPairs, Headers
@@ -78,6 +78,7 @@ class WebSocketRequest:
         self.connection: WebSocketConnection | None = None
         self._answered = False
         self._open_scope: trio.CancelScope | None = None
+        self._transport: _Transport | None = None
 
     @property
     def extensions(self) -> list[str]:
@@ -143,6 +144,7 @@ class WebSocketRequest:
             close_timeout=server.close_timeout,
             local=self.local,
             remote=self.remote,
+            transport=self._transport,
         )
         try:
             await conn._write(response)
@@ -353,80 +355,91 @@ class WebSocketServer:
             nursery.start_soon(self._handle_stream, stream)
 
     async def _handle_stream(self, stream: trio.abc.Stream) -> None:
-        try:
-            await self._serve_one(stream)
-        except Exception:  # pragma: no cover - _serve_one handles what it expects
-            logger.exception("unexpected error while serving a connection")
-        finally:
-            await trio.aclose_forcefully(stream)
-            self._handling -= 1
-            if not self._handling:
-                self._idle.set()
+        """Serve one client: the request head, the handler, the connection's life.
 
-    async def _serve_one(self, stream: trio.abc.Stream) -> None:
+        One task, one cancel scope for the whole opening phase (TLS, head,
+        the handler's decision: ``open_timeout``), and the connection nursery.
+        Kept as one function on purpose: every idle connection holds this
+        task's stack, so each frame less is memory saved per connection.
+        """
+        transport = _make_transport(stream)
         handshake = ServerHandshake(
             max_request_line=self.max_request_line,
             max_header_line=self.max_header_line,
             max_headers=self.max_headers,
         )
-        deadline = trio.current_time() + _timeout(self.open_timeout)
+        error: HTTPError | None = None
         try:
-            with trio.CancelScope(deadline=deadline) as scope:
-                head = None
-                while head is None:
-                    head = handshake.receive_data(await stream.receive_some(16384))
-            if scope.cancelled_caught:
-                logger.info("handshake timed out")
-                await self._send_http(stream, handshake.reject(408, body="request timeout"))
-                return
-            handshake.check_upgrade()
-            if self._stopping:
-                raise HTTPError(503, "server shutting down")
-            if self.max_connections is not None and len(self._connections) >= self.max_connections:
-                raise HTTPError(503, "too many connections", [("Retry-After", "1")])
-        except HTTPError as exc:
-            logger.info("bad request: %s", exc)
-            await self._send_http(
-                stream, handshake.reject(exc.status, headers=exc.headers, body=exc.message + "\n")
-            )
-            return
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError) as exc:
-            logger.debug("transport failed during the handshake: %r", exc)
-            return
-
-        async with trio.open_nursery() as nursery:
-            request = WebSocketRequest(self, stream, handshake, nursery)
-            with trio.CancelScope(deadline=deadline) as open_scope:
-                request._open_scope = open_scope
-                await self._run_handler(request)
-            conn = request.connection
-            if conn is None:
-                if not request._answered:
+            async with trio.open_nursery() as nursery:
+                request: WebSocketRequest | None = None
+                with trio.CancelScope(
+                    deadline=trio.current_time() + _timeout(self.open_timeout)
+                ) as open_scope:
+                    try:
+                        while handshake.receive_data(await transport.receive()) is None:
+                            pass
+                        handshake.check_upgrade()
+                        if self._stopping:
+                            raise HTTPError(503, "server shutting down")
+                        if (
+                            self.max_connections is not None
+                            and len(self._connections) >= self.max_connections
+                        ):
+                            raise HTTPError(503, "too many connections", [("Retry-After", "1")])
+                    except HTTPError as exc:
+                        error = exc
+                    else:
+                        request = WebSocketRequest(self, stream, handshake, nursery)
+                        request._open_scope = open_scope
+                        request._transport = transport
+                        try:
+                            await self.handler(request)
+                        except ConnectionClosed:
+                            pass  # the connection ended under the handler: not an error
+                        except Exception:
+                            await self._handler_failed(request)
+                if request is None:
+                    if error is None and open_scope.cancelled_caught:
+                        error = HTTPError(408, "request timeout")
+                    if error is not None:
+                        logger.info("bad request: %s", error)
+                        await self._send_http(
+                            stream,
+                            handshake.reject(
+                                error.status, headers=error.headers, body=error.message + "\n"
+                            ),
+                        )
+                elif request.connection is not None:
+                    await request.connection.aclose()
+                    self._connections.discard(request.connection)
+                elif not request._answered:
                     if open_scope.cancelled_caught:
                         logger.info("handler did not answer %s within open_timeout", request.path)
                         await request.reject(503, body="handshake timeout\n")
                     else:
                         logger.error("handler returned without accepting or rejecting %s", request)
                         await request.reject(500, body="internal server error\n")
-            else:
-                await conn.aclose()
-                self._connections.discard(conn)
-            nursery.cancel_scope.cancel()
+                nursery.cancel_scope.cancel()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError) as exc:
+            logger.debug("transport failed during the handshake: %r", exc)
+        except Exception:  # pragma: no cover - everything expected is handled above
+            logger.exception("unexpected error while serving a connection")
+        finally:
+            await transport.close()
+            self._handling -= 1
+            if not self._handling:
+                self._idle.set()
 
-    async def _run_handler(self, request: WebSocketRequest) -> None:
-        try:
-            await self.handler(request)
-        except ConnectionClosed:
-            pass  # the connection ended under the handler: nothing went wrong here
-        except Exception:
-            conn = request.connection
-            if conn is None:
-                logger.exception("handler failed before answering %s", request)
-                if not request._answered:
-                    await request.reject(500, body="internal server error\n")
-            else:
-                logger.exception("handler failed on %s; closing with 1011", request)
-                await conn.aclose(CloseCode.INTERNAL_ERROR, "internal error")
+    async def _handler_failed(self, request: WebSocketRequest) -> None:
+        """Log the handler's exception; answer 500, or close its connection with 1011."""
+        conn = request.connection
+        if conn is None:
+            logger.exception("handler failed before answering %s", request)
+            if not request._answered:
+                await request.reject(500, body="internal server error\n")
+        else:
+            logger.exception("handler failed on %s; closing with 1011", request)
+            await conn.aclose(CloseCode.INTERNAL_ERROR, "internal error")
 
     async def _send_http(self, stream: trio.abc.Stream, response: bytes) -> None:
         """Write a complete HTTP response, then close politely: EOF, brief drain."""
