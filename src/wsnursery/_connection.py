@@ -218,9 +218,12 @@ class WebSocketConnection(trio.abc.AsyncResource):
         self._ping_timeout = ping_timeout
         self._close_timeout = close_timeout
         self._trailing = trailing_data
+        # Consumers park here while the queue is empty; the reader parks here
+        # while it is full. The two never wait at once (max_queue >= 1), so
+        # one lot serves both.
         self._message_lot = ParkingLot()
-        self._room_lot = ParkingLot()
-        self._send_lock = trio.StrictFIFOLock()
+        # Made on first need: most sends never wait for the socket.
+        self._send_lock: trio.StrictFIFOLock | None = None
         self._pings: dict[bytes, trio.Event] = {}
         self._finished = trio.Event()
         self._transport_closed = False
@@ -280,7 +283,7 @@ class WebSocketConnection(trio.abc.AsyncResource):
                     break
                 if len(proto.messages) >= self._max_queue and proto.state is _OPEN:
                     self._reader_paused = self._paused_during_ping = True
-                    await self._room_lot.park()
+                    await self._message_lot.park()
                     self._reader_paused = False
                     continue
                 data = await transport.receive()
@@ -385,7 +388,6 @@ class WebSocketConnection(trio.abc.AsyncResource):
         await self._transport.close()
         self._finished.set()
         self._message_lot.unpark_all()
-        self._room_lot.unpark_all()
         for event in self._pings.values():
             event.set()  # ping() sees its payload still registered: closed
 
@@ -407,7 +409,7 @@ class WebSocketConnection(trio.abc.AsyncResource):
         if self._transport_closed:
             raise self._closed_error()
         lock = self._send_lock
-        if not lock.locked():
+        if lock is None or not lock.locked():
             data = make_frame(arg)
             try:
                 sent = self._transport.try_send(data)
@@ -427,11 +429,14 @@ class WebSocketConnection(trio.abc.AsyncResource):
     async def _finish_send(self, data: Frame, sent: int) -> None:
         """Write the rest of a frame the socket took only part of, holding the lock."""
         rest = (b"".join(data) if isinstance(data, list) else data)[sent:]
-        self._send_lock.acquire_nowait()  # free: nothing was awaited since the check
+        lock = self._send_lock
+        if lock is None:
+            lock = self._send_lock = trio.StrictFIFOLock()
+        lock.acquire_nowait()  # free: nothing was awaited since the check
         try:
             await self._transmit(rest)
         finally:
-            self._send_lock.release()
+            lock.release()
 
     async def _transmit(self, data: Frame) -> None:
         try:
@@ -484,7 +489,8 @@ class WebSocketConnection(trio.abc.AsyncResource):
         proto = self._proto
         if proto.state is not _OPEN or self._transport_closed:
             raise self._closed_error()
-        if self._send_lock.locked():
+        lock = self._send_lock
+        if lock is not None and lock.locked():
             await self._send_frame(self._frame_message, message)
         else:
             # The common case, inline: frame and write without blocking.
@@ -531,7 +537,7 @@ class WebSocketConnection(trio.abc.AsyncResource):
             await self._message_lot.park()
         message = messages.popleft()
         if self._reader_paused and len(messages) < self._max_queue:
-            self._room_lot.unpark_all()
+            self._message_lot.unpark_all()
         self._calls_since_yield += 1
         if self._calls_since_yield >= _YIELD_EVERY:
             self._calls_since_yield = 0
@@ -625,7 +631,7 @@ class WebSocketConnection(trio.abc.AsyncResource):
                 return
             out = self._proto.send_close(code, reason)
             # We want no more messages: read on past a full queue to the close frame.
-            self._room_lot.unpark_all()
+            self._message_lot.unpark_all()
             if out:
                 try:
                     await self._write(out)

@@ -9,8 +9,8 @@ __all__ = ["HeaderPairs", "Headers"]
 HeaderPairs = Iterable[tuple[str | bytes, str | bytes]]
 
 
-def _text(value: str | bytes) -> str:
-    return value.decode("latin-1") if isinstance(value, bytes) else value
+def _raw(value: str | bytes) -> bytes:
+    return value.encode("latin-1") if isinstance(value, str) else bytes(value)
 
 
 class Headers(Mapping[str, str]):
@@ -18,38 +18,53 @@ class Headers(Mapping[str, str]):
 
     ``headers["Origin"]`` gives the first value; :meth:`get_all` every value of a
     repeated header. Names and values are ``str`` (decoded as Latin-1).
+
+    The pairs are kept as the bytes that came off the wire and decoded when
+    looked up: the request headers live as long as their connection, and
+    bytes shared with the parser cost less than a second, decoded copy.
     """
 
     __slots__ = ("_items",)
 
     def __init__(self, items: HeaderPairs = ()) -> None:
-        self._items: list[tuple[str, str]] = [(_text(k), _text(v)) for k, v in items]
+        self._items: list[tuple[bytes, bytes]] = [(_raw(k), _raw(v)) for k, v in items]
 
     def __getitem__(self, name: str) -> str:
-        wanted = name.lower()
+        wanted = name.lower().encode("latin-1")
         for key, value in self._items:
             if key.lower() == wanted:
-                return value
+                return value.decode("latin-1")
         raise KeyError(name)
 
     def __iter__(self) -> Iterator[str]:
-        seen: set[str] = set()
+        seen: set[bytes] = set()
         for key, _ in self._items:
-            if key.lower() not in seen:
-                seen.add(key.lower())
-                yield key
+            lowered = key.lower()
+            if lowered not in seen:
+                seen.add(lowered)
+                yield key.decode("latin-1")
 
     def __len__(self) -> int:
         return len({key.lower() for key, _ in self._items})
 
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str):
+            return False
+        wanted = name.lower().encode("latin-1")
+        return any(key.lower() == wanted for key, _ in self._items)
+
     def get_all(self, name: str) -> list[str]:
         """Every value of ``name``, in order (empty list when absent)."""
-        wanted = name.lower()
-        return [value for key, value in self._items if key.lower() == wanted]
+        wanted = name.lower().encode("latin-1")
+        return [value.decode("latin-1") for key, value in self._items if key.lower() == wanted]
 
     def items_list(self) -> list[tuple[str, str]]:
         """All pairs, repeated names included, in the order received."""
+        return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in self._items]
+
+    def raw_items(self) -> list[tuple[bytes, bytes]]:
+        """All pairs as the bytes received."""
         return list(self._items)
 
     def __repr__(self) -> str:
-        return f"Headers({self._items!r})"
+        return f"Headers({self.items_list()!r})"

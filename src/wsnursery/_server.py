@@ -357,8 +357,8 @@ class WebSocketServer:
     async def _handle_stream(self, stream: trio.abc.Stream) -> None:
         """Serve one client: the request head, the handler, the connection's life.
 
-        One task, one cancel scope for the whole opening phase (TLS, head,
-        the handler's decision: ``open_timeout``), and the connection nursery.
+        One task and the connection nursery, whose deadline is the
+        ``open_timeout`` until the handler accepts.
         Kept as one function on purpose: every idle connection holds this
         task's stack, so each frame less is memory saved per connection.
         """
@@ -369,57 +369,58 @@ class WebSocketServer:
             max_headers=self.max_headers,
         )
         error: HTTPError | None = None
+        request: WebSocketRequest | None = None
+        deadline = trio.current_time() + _timeout(self.open_timeout)
         try:
             async with trio.open_nursery() as nursery:
-                request: WebSocketRequest | None = None
-                with trio.CancelScope(
-                    deadline=trio.current_time() + _timeout(self.open_timeout)
-                ) as open_scope:
+                # The nursery's own scope is the open_timeout (TLS, head, the
+                # handler's decision); accept() lifts it. No extra cancel scope
+                # stays alive for the connection's lifetime.
+                nursery.cancel_scope.deadline = deadline
+                try:
+                    while handshake.receive_data(await transport.receive()) is None:
+                        pass
+                    handshake.check_upgrade()
+                    if self._stopping:
+                        raise HTTPError(503, "server shutting down")
+                    if (
+                        self.max_connections is not None
+                        and len(self._connections) >= self.max_connections
+                    ):
+                        raise HTTPError(503, "too many connections", [("Retry-After", "1")])
+                except HTTPError as exc:
+                    error = exc
+                else:
+                    request = WebSocketRequest(self, stream, handshake, nursery)
+                    request._open_scope = nursery.cancel_scope
+                    request._transport = transport
                     try:
-                        while handshake.receive_data(await transport.receive()) is None:
-                            pass
-                        handshake.check_upgrade()
-                        if self._stopping:
-                            raise HTTPError(503, "server shutting down")
-                        if (
-                            self.max_connections is not None
-                            and len(self._connections) >= self.max_connections
-                        ):
-                            raise HTTPError(503, "too many connections", [("Retry-After", "1")])
-                    except HTTPError as exc:
-                        error = exc
-                    else:
-                        request = WebSocketRequest(self, stream, handshake, nursery)
-                        request._open_scope = open_scope
-                        request._transport = transport
-                        try:
-                            await self.handler(request)
-                        except ConnectionClosed:
-                            pass  # the connection ended under the handler: not an error
-                        except Exception:
-                            await self._handler_failed(request)
-                if request is None:
-                    if error is None and open_scope.cancelled_caught:
-                        error = HTTPError(408, "request timeout")
-                    if error is not None:
-                        logger.info("bad request: %s", error)
-                        await self._send_http(
-                            stream,
-                            handshake.reject(
-                                error.status, headers=error.headers, body=error.message + "\n"
-                            ),
-                        )
-                elif request.connection is not None:
-                    await request.connection.aclose()
-                    self._connections.discard(request.connection)
-                elif not request._answered:
-                    if open_scope.cancelled_caught:
-                        logger.info("handler did not answer %s within open_timeout", request.path)
-                        await request.reject(503, body="handshake timeout\n")
-                    else:
-                        logger.error("handler returned without accepting or rejecting %s", request)
-                        await request.reject(500, body="internal server error\n")
+                        await self.handler(request)
+                    except ConnectionClosed:
+                        pass  # the connection ended under the handler: not an error
+                    except Exception:
+                        await self._handler_failed(request)
+                    if request.connection is not None:
+                        await request.connection.aclose()
+                        self._connections.discard(request.connection)
                 nursery.cancel_scope.cancel()
+            # Whatever the opening phase did not answer gets its answer now.
+            if request is None:
+                error = error or HTTPError(408, "request timeout")
+                logger.info("bad request: %s", error)
+                await self._send_http(
+                    stream,
+                    handshake.reject(
+                        error.status, headers=error.headers, body=error.message + "\n"
+                    ),
+                )
+            elif request.connection is None and not request._answered:
+                if trio.current_time() >= deadline:
+                    logger.info("handler did not answer %s within open_timeout", request.path)
+                    await request.reject(503, body="handshake timeout\n")
+                else:
+                    logger.error("handler returned without accepting or rejecting %s", request)
+                    await request.reject(500, body="internal server error\n")
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError) as exc:
             logger.debug("transport failed during the handshake: %r", exc)
         except Exception:  # pragma: no cover - everything expected is handled above
