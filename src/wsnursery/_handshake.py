@@ -68,9 +68,14 @@ class RequestHead:
     query: dict[str, str] = field(init=False)
 
     def __post_init__(self) -> None:
-        split = urlsplit(self.target)
-        self.path = split.path or "/"
-        self.query = dict(parse_qsl(split.query, keep_blank_values=True))
+        if self.target.startswith("/"):  # origin-form, nearly always
+            path, _, query = self.target.partition("?")
+            path = path.partition("#")[0]
+        else:
+            split = urlsplit(self.target)
+            path, query = split.path, split.query
+        self.path = path or "/"
+        self.query = dict(parse_qsl(query, keep_blank_values=True)) if query else {}
 
     @property
     def is_upgrade(self) -> bool:
@@ -241,11 +246,23 @@ class ServerHandshake:
             if accepts:
                 headers.append((b"Sec-WebSocket-Extensions", accepts))
                 enabled = [ext for ext in extensions if ext.enabled()]
-        headers.extend(_encode_pairs(extra_headers))
-        response = h11.InformationalResponse(
-            status_code=101, headers=headers, reason=b"Switching Protocols"
-        )
-        data = self._h11.send(response) or b""
+        extra = _encode_pairs(extra_headers)
+        if extra:
+            # The handler's headers: h11 validates them (no response splitting).
+            headers.extend(extra)
+            response = h11.InformationalResponse(
+                status_code=101, headers=headers, reason=b"Switching Protocols"
+            )
+            data = self._h11.send(response) or b""
+        else:
+            # Only our own headers, whose values cannot hold CR or LF: the
+            # subprotocol and the extension offer came through h11's parser,
+            # the accept token is base64.
+            data = b"".join(
+                [b"HTTP/1.1 101 Switching Protocols\r\n"]
+                + [b"%s: %s\r\n" % pair for pair in headers]
+                + [b"\r\n"]
+            )
         # The h11 state machine is done with: free it (it is most of the
         # handshake's memory, and the request object may live as long as the
         # connection does).
