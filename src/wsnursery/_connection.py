@@ -552,6 +552,9 @@ class WebSocketConnection(trio.abc.AsyncResource):
 
         Raises:
             ConnectionClosedError: the connection closed abnormally.
+
+        Cancellation:
+            As for :meth:`get_message`: nothing is lost.
         """
         try:
             return await self.get_message()
