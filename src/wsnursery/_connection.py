@@ -43,6 +43,7 @@ from trio.lowlevel import (
 
 from ._exceptions import CloseCode, CloseReason, ConnectionClosed
 from ._protocol import Frame, Message, Protocol, ProtocolState
+from ._util import stream_addresses
 
 if TYPE_CHECKING:
     from ._headers import Headers
@@ -177,8 +178,6 @@ class WebSocketConnection(trio.abc.AsyncResource):
         response_headers: The 101 response's headers.
         subprotocol: The negotiated subprotocol, or None.
         extensions: The negotiated extensions (wsproto objects).
-        local: The local address (``(host, port)`` for TCP), or None.
-        remote: The peer's address, or None for a stream with no address.
     """
 
     def __init__(
@@ -211,8 +210,10 @@ class WebSocketConnection(trio.abc.AsyncResource):
         self.response_headers = response_headers
         self.subprotocol = subprotocol
         self.extensions = list(protocol.extensions)
-        self.local = local
-        self.remote = remote
+        # Looked up on first use: most handlers never ask, and it is two syscalls.
+        self._addresses: tuple[Any, Any] | None = (
+            None if local is None and remote is None else (local, remote)
+        )
         self._max_queue = max_queue
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
@@ -240,6 +241,20 @@ class WebSocketConnection(trio.abc.AsyncResource):
     # -- state ---------------------------------------------------------------
 
     @property
+    def local(self) -> Any:
+        """This side's socket address (``(host, port)`` for TCP), or None."""
+        if self._addresses is None:
+            self._addresses = stream_addresses(self._stream)
+        return self._addresses[0]
+
+    @property
+    def remote(self) -> Any:
+        """The peer's socket address, or None for a stream without one."""
+        if self._addresses is None:
+            self._addresses = stream_addresses(self._stream)
+        return self._addresses[1]
+
+    @property
     def is_client(self) -> bool:
         """True on the client side of the connection."""
         return self._proto.client
@@ -263,9 +278,9 @@ class WebSocketConnection(trio.abc.AsyncResource):
         (``keepalive_task=False``); a client connection runs its own.
         """
         self._nursery = nursery
-        nursery.start_soon(self._reader, name=f"wsnursery reader {self.remote}")
+        nursery.start_soon(self._reader, name="wsnursery reader")
         if self._ping_interval is not None and keepalive_task:
-            nursery.start_soon(self._keepalive, name=f"wsnursery keep-alive {self.remote}")
+            nursery.start_soon(self._keepalive, name="wsnursery keep-alive")
 
     async def _reader(self) -> None:
         proto = self._proto

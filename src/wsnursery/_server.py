@@ -50,8 +50,6 @@ class WebSocketRequest:
         query: The target's query parameters (first value of each name).
         headers: The request headers (:class:`Headers`, case-insensitive).
         subprotocols: The subprotocols the client proposed, in order.
-        local: The server's address for this connection.
-        remote: The client's address.
     """
 
     def __init__(
@@ -74,11 +72,25 @@ class WebSocketRequest:
         self.query = head.query
         self.headers: Headers = head.headers
         self.subprotocols = head.subprotocols
-        self.local, self.remote = stream_addresses(stream)
+        self._addresses: tuple[Any, Any] | None = None
         self.connection: WebSocketConnection | None = None
         self._answered = False
         self._open_scope: trio.CancelScope | None = None
         self._transport: _Transport | None = None
+
+    @property
+    def local(self) -> Any:
+        """The server's socket address for this connection."""
+        if self._addresses is None:
+            self._addresses = stream_addresses(self._stream)
+        return self._addresses[0]
+
+    @property
+    def remote(self) -> Any:
+        """The client's socket address."""
+        if self._addresses is None:
+            self._addresses = stream_addresses(self._stream)
+        return self._addresses[1]
 
     @property
     def extensions(self) -> list[str]:
@@ -142,8 +154,8 @@ class WebSocketRequest:
             ping_interval=server.ping_interval,
             ping_timeout=server.ping_timeout,
             close_timeout=server.close_timeout,
-            local=self.local,
-            remote=self.remote,
+            local=self._addresses[0] if self._addresses else None,
+            remote=self._addresses[1] if self._addresses else None,
             transport=self._transport,
         )
         try:
@@ -155,7 +167,8 @@ class WebSocketRequest:
         self.connection = conn
         conn._start(self._nursery, keepalive_task=False)  # the server pings from one task
         server._connections.add(conn)
-        logger.debug("accepted %s from %s", self.path, self.remote)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("accepted %s from %s", self.path, self.remote)
         return conn
 
     async def reject(
