@@ -23,11 +23,21 @@ from ._exceptions import HandshakeTimeout as HandshakeTimeout
 from ._exceptions import InvalidHandshake as InvalidHandshake
 from ._exceptions import TransportError as TransportError
 from ._exceptions import WebSocketError as WebSocketError
+from ._handler import Accept as Accept
+from ._handler import Authenticator as Authenticator
+from ._handler import BasicAuth as BasicAuth
+from ._handler import HTTPRequest as HTTPRequest
+from ._handler import HTTPResponse as HTTPResponse
+from ._handler import Reject as Reject
+from ._handler import TokenAuth as TokenAuth
+from ._handler import WebSocketHandler as WebSocketHandler
 from ._headers import Headers as Headers
 from ._protocol import ProtocolState as ProtocolState
+from ._server import ConnectionRegistry as ConnectionRegistry
 from ._server import WebSocketRequest as WebSocketRequest
 from ._server import WebSocketServer as WebSocketServer
 from ._server import serve_websocket as serve_websocket
+from ._tls import server_ssl_context as server_ssl_context
 
 __version__ = "0.1.0.dev0"
 

@@ -25,10 +25,11 @@ connection BROKEN and closed: the stream cannot be resynchronised.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import trio
@@ -46,6 +47,7 @@ from ._protocol import Frame, Message, Protocol, ProtocolState
 from ._util import stream_addresses
 
 if TYPE_CHECKING:
+    from ._handler import WebSocketHandler
     from ._headers import Headers
 
 __all__ = ["WebSocketConnection"]
@@ -66,6 +68,7 @@ _SHARED_BUFFERS = [_SHARED_BUFFER]
 
 _TRANSPORT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 _MESSAGE_TYPES = (str, bytes, bytearray, memoryview)
+_ids = itertools.count(1)
 
 
 def _frame_size(frame: Frame) -> int:
@@ -198,6 +201,8 @@ class WebSocketConnection(trio.abc.AsyncResource):
         local: Any = None,
         remote: Any = None,
         transport: _Transport | None = None,
+        user: Any = None,
+        server: Any = None,
     ) -> None:
         if max_queue < 1:
             raise ValueError("max_queue must be at least 1")
@@ -233,6 +238,16 @@ class WebSocketConnection(trio.abc.AsyncResource):
         self._calls_since_yield = 0
         self._keepalive_busy = False
         self._nursery: trio.Nursery | None = None
+        self._handler: WebSocketHandler | None = None
+        self._dispatch_task: trio.lowlevel.Task | None = None
+        self._close_hook_done = False
+        self._close_deadline = math.inf
+        #: The connection's ID, unique in the process.
+        self.id = f"{next(_ids):x}"
+        #: The user the authenticator returned, or None.
+        self.user: Any = user
+        #: The server that accepted the connection (None on the client side).
+        self.server: Any = server
 
     def __repr__(self) -> str:
         side = "client" if self._proto.client else "server"
@@ -314,6 +329,148 @@ class WebSocketConnection(trio.abc.AsyncResource):
         finally:
             # Cancelled or done: the connection ends with this task.
             await self._close_transport()
+
+    # -- handler objects: one task reads and calls the hooks -----------------
+
+    async def _dispatch(self, handler: WebSocketHandler) -> None:
+        """Read in this task and call ``handler``'s hooks, in order, until the end.
+
+        ``on_disconnect`` is called exactly once when the connection is over,
+        shielded and bounded by ``close_timeout``. See ``docs/topics/handlers.rst``.
+        """
+        self._handler = handler
+        self._dispatch_task = trio.lowlevel.current_task()
+        proto = self._proto
+        transport = self._transport
+        try:
+            if await self._call_hook(handler.on_connect) and self._trailing:
+                proto.receive_data(self._trailing)
+                self._trailing = b""
+            while not self._transport_closed:
+                if proto.messages or (
+                    proto.close_received is not None and not self._close_hook_done
+                ):
+                    await self._deliver()
+                    continue
+                if proto._out or proto.pongs or proto.transport_should_close:
+                    await self._after_receive()
+                    continue
+                if proto.state is ProtocolState.CLOSED:
+                    await self._wait_for_eof()
+                    break
+                if proto.state is ProtocolState.CLOSING:
+                    # We sent the close frame (a hook failed, or aclose from a
+                    # hook): wait for the answer, but not forever.
+                    with trio.move_on_at(self._close_deadline) as scope:
+                        data = await transport.receive()
+                    if scope.cancelled_caught:
+                        break
+                else:
+                    data = await transport.receive()
+                proto.receive_data(data)
+        except _TRANSPORT_ERRORS as exc:
+            if not self._transport_closed:
+                proto.fail(CloseCode.ABNORMAL_CLOSURE, f"transport failed: {exc!r}")
+        finally:
+            with trio.CancelScope(shield=True) as scope:
+                await self._close_transport("the peer did not finish the closing handshake in time")
+                scope.deadline = trio.current_time() + _timeout(self._close_timeout)
+                assert proto.closed is not None
+                try:
+                    await self._hooks().on_disconnect(self, proto.closed)
+                except Exception:
+                    logger.exception("on_disconnect failed on %s", self)
+
+    async def _deliver(self) -> None:
+        """Hand queued messages, then a close frame, to the hooks."""
+        proto = self._proto
+        messages = proto.messages
+        # While a hook runs nothing is read: the keep-alive must not blame the peer.
+        self._reader_paused = self._paused_during_ping = True
+        try:
+            while messages:
+                message = messages.popleft()
+                if proto.state is not _OPEN:
+                    continue  # a hook failed or closed: the rest is not delivered
+                handler = self._hooks()
+                if type(message) is str:
+                    await self._call_hook(handler.on_text, message)
+                else:
+                    await self._call_hook(handler.on_binary, message)
+            if proto.close_received is not None and not self._close_hook_done:
+                self._close_hook_done = True
+                await self._call_hook(self._hooks().on_close_message, proto.close_received)
+        finally:
+            self._reader_paused = False
+
+    def _hooks(self) -> WebSocketHandler:
+        assert self._handler is not None
+        return self._handler
+
+    async def _call_hook(self, hook: Callable[..., Awaitable[None]], *args: Any) -> bool:
+        """Run a hook; if it raises, log it and start closing with 1011. True if it returned."""
+        try:
+            await hook(self, *args)
+        except Exception:
+            logger.exception("handler hook %s failed on %s; closing with 1011", hook.__name__, self)
+            await self._start_close(CloseCode.INTERNAL_ERROR, "internal error")
+            return False
+        return True
+
+    async def _start_close(self, code: int, reason: str) -> None:
+        """Send a close frame without waiting for the answer (the dispatch loop reads it)."""
+        out = self._proto.send_close(code, reason)
+        if out:
+            self._close_deadline = trio.current_time() + _timeout(self._close_timeout)
+            try:
+                await self._write(out)
+            except ConnectionClosed:
+                pass
+
+    def start_soon(self, async_fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Start a task that lives in this connection's nursery and ends with it.
+
+        If the task raises, the exception is logged and the connection is
+        closed with 1011; other connections are not affected.
+
+        Raises:
+            RuntimeError: the connection has no nursery (not started yet).
+        """
+        if self._nursery is None:
+            raise RuntimeError("this connection is not running in a nursery")
+        self._nursery.start_soon(self._guarded, async_fn, args)
+
+    async def _guarded(
+        self, async_fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...]
+    ) -> None:
+        try:
+            await async_fn(*args)
+        except ConnectionClosed:
+            pass
+        except Exception:
+            logger.exception("task %r of %s failed; closing with 1011", async_fn, self)
+            if self._dispatch_task is not None:
+                await self._start_close(CloseCode.INTERNAL_ERROR, "internal error")
+            else:
+                await self.aclose(CloseCode.INTERNAL_ERROR, "internal error")
+
+    async def set_handler(self, handler: WebSocketHandler) -> None:
+        """Hand this connection to another handler object (WebSocket++'s set_handler).
+
+        From the next event on, ``handler`` gets the hooks, starting with its
+        ``on_connect`` (called here); ``on_disconnect`` goes to whichever
+        handler holds the connection when it ends.
+
+        Raises:
+            RuntimeError: the connection is not served by a handler object.
+
+        Cancellation:
+            As for the new handler's ``on_connect``.
+        """
+        if self._dispatch_task is None:
+            raise RuntimeError("only a connection served by a WebSocketHandler can be handed over")
+        self._handler = handler
+        await self._call_hook(handler.on_connect)
 
     async def _wait_for_eof(self) -> None:
         with trio.move_on_after(_timeout(self._close_timeout)):
@@ -538,6 +695,11 @@ class WebSocketConnection(trio.abc.AsyncResource):
             Nothing is lost: a message is only removed from the queue when
             this call returns it.
         """
+        if self._dispatch_task is not None:
+            raise RuntimeError(
+                "this connection delivers its messages to its handler's hooks; "
+                "get_message is for handler functions and clients"
+            )
         messages = self._proto.messages
         if messages:
             await checkpoint_if_cancelled()  # otherwise parking below is the checkpoint
@@ -643,6 +805,13 @@ class WebSocketConnection(trio.abc.AsyncResource):
             the peer (trio's :class:`~trio.abc.AsyncResource` promise).
         """
         _check_close_code(code)
+        if self._dispatch_task is not None and trio.lowlevel.current_task() is self._dispatch_task:
+            # Called from a hook: this task reads, so it cannot wait here for the
+            # answer. Send the close frame; the dispatch loop finishes the
+            # handshake once the hook returns.
+            await checkpoint()
+            await self._start_close(code, reason)
+            return
         try:
             if self._finished.is_set():
                 await checkpoint()

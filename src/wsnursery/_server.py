@@ -15,26 +15,49 @@ The nursery tree (see ``docs/topics/design.rst``)::
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import math
+import mimetypes
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeAlias
 
 import trio
 
 from ._connection import WebSocketConnection, _make_transport, _Transport
 from ._exceptions import CloseCode, CloseReason, ConnectionClosed
+from ._handler import (
+    Accept,
+    Authenticator,
+    HTTPRequest,
+    HTTPResponse,
+    Reject,
+    Route,
+    WebSocketHandler,
+    build_router,
+    parse_cookies,
+)
 from ._handshake import HTTPError, RequestHead, ServerHandshake
 from ._headers import HeaderPairs, Headers
 from ._protocol import BoundedPerMessageDeflate, Protocol
 from ._util import collapse_exception_groups, graceful_scope, stream_addresses
 
-__all__ = ["WebSocketRequest", "WebSocketServer", "serve_websocket"]
+__all__ = ["ConnectionRegistry", "WebSocketRequest", "WebSocketServer", "serve_websocket"]
 
 logger = logging.getLogger("wsnursery.server")
 
-Handler = Callable[["WebSocketRequest"], Awaitable[None]]
+Handler: TypeAlias = Callable[["WebSocketRequest"], Awaitable[None]]
+HTTPEndpoint: TypeAlias = Callable[[HTTPRequest], Awaitable[HTTPResponse]]
+#: What serve_websocket serves: a handler function, a WebSocketHandler (instance
+#: or class), or a mapping of paths to either.
+HandlerSpec: TypeAlias = (
+    Handler
+    | WebSocketHandler
+    | type[WebSocketHandler]
+    | Mapping[str, Handler | WebSocketHandler | type[WebSocketHandler]]
+)
 
 
 class WebSocketRequest:
@@ -50,6 +73,8 @@ class WebSocketRequest:
         query: The target's query parameters (first value of each name).
         headers: The request headers (:class:`Headers`, case-insensitive).
         subprotocols: The subprotocols the client proposed, in order.
+        path_params: The values of the route's ``{name}`` parts.
+        user: What the authenticator returned, or None.
     """
 
     def __init__(
@@ -77,6 +102,22 @@ class WebSocketRequest:
         self._answered = False
         self._open_scope: trio.CancelScope | None = None
         self._transport: _Transport | None = None
+        self.path_params: dict[str, str] = {}
+        self.user: Any = None
+        self._dispatch = False
+
+    @property
+    def cookies(self) -> dict[str, str]:
+        """The request's cookies (from every ``Cookie`` header)."""
+        return parse_cookies(self.headers.get_all("cookie"))
+
+    @property
+    def peer_certificate(self) -> Any:
+        """The client's TLS certificate (``ssl.SSLSocket.getpeercert()``), or None."""
+        stream: Any = self._stream
+        if isinstance(stream, trio.SSLStream):
+            return stream.getpeercert()
+        return None
 
     @property
     def local(self) -> Any:
@@ -157,6 +198,8 @@ class WebSocketRequest:
             local=self._addresses[0] if self._addresses else None,
             remote=self._addresses[1] if self._addresses else None,
             transport=self._transport,
+            user=self.user,
+            server=server,
         )
         try:
             await conn._write(response)
@@ -165,8 +208,11 @@ class WebSocketRequest:
         if self._open_scope is not None:
             self._open_scope.deadline = math.inf  # the open_timeout no longer applies
         self.connection = conn
-        conn._start(self._nursery, keepalive_task=False)  # the server pings from one task
-        server._connections.add(conn)
+        if self._dispatch:
+            conn._nursery = self._nursery  # the client's task reads: see _dispatch
+        else:
+            conn._start(self._nursery, keepalive_task=False)  # the server pings from one task
+        server._connections[conn.id] = conn
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("accepted %s from %s", self.path, self.remote)
         return conn
@@ -205,6 +251,39 @@ def _lost() -> CloseReason:
     return CloseReason(CloseCode.ABNORMAL_CLOSURE, "client went away during the handshake")
 
 
+class ConnectionRegistry(Mapping[str, WebSocketConnection]):
+    """The server's open connections, by :attr:`WebSocketConnection.id`.
+
+    A read-only mapping (``registry[id]``, ``len(registry)``, ``id in
+    registry``, ``registry.values()``) plus :meth:`close`.
+    """
+
+    def __init__(self, connections: dict[str, WebSocketConnection]) -> None:
+        self._connections = connections
+
+    def __getitem__(self, connection_id: str) -> WebSocketConnection:
+        return self._connections[connection_id]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._connections))
+
+    def __len__(self) -> int:
+        return len(self._connections)
+
+    async def close(self, connection_id: str, code: int = 1000, reason: str = "") -> bool:
+        """Close the connection with this ID; False if there is none.
+
+        Cancellation:
+            As for :meth:`WebSocketConnection.aclose`: the connection is closed.
+        """
+        conn = self._connections.get(connection_id)
+        if conn is None:
+            await trio.lowlevel.checkpoint()
+            return False
+        await conn.aclose(code, reason)
+        return True
+
+
 class WebSocketServer:
     """A WebSocket server: listeners, a handler, and every connection it holds.
 
@@ -218,9 +297,12 @@ class WebSocketServer:
 
     def __init__(
         self,
-        handler: Handler,
+        handler: HandlerSpec,
         listeners: Sequence[trio.abc.Listener[Any]],
         *,
+        http_routes: Mapping[str, HTTPEndpoint] | None = None,
+        authenticator: Authenticator | None = None,
+        allowed_origins: Sequence[str] | None = None,
         # Limits
         max_message_size: int | None = 2**20,
         max_queue: int = 16,
@@ -238,6 +320,11 @@ class WebSocketServer:
     ) -> None:
         self.handler = handler
         self.listeners = list(listeners)
+        self.authenticator = authenticator
+        self.allowed_origins = (
+            None if allowed_origins is None else {o.lower().rstrip("/") for o in allowed_origins}
+        )
+        self._router = build_router(handler, http_routes or {})
         self.max_message_size = max_message_size
         self.max_queue = max_queue
         self.max_connections = max_connections
@@ -249,7 +336,8 @@ class WebSocketServer:
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
         self.compression = compression
-        self._connections: set[WebSocketConnection] = set()
+        self._connections: dict[str, WebSocketConnection] = {}
+        self._registry = ConnectionRegistry(self._connections)
         self._handling = 0
         self._stopping = False
         self._stop_requested = trio.Event()
@@ -282,9 +370,9 @@ class WebSocketServer:
         raise RuntimeError("this server has no TCP listener")
 
     @property
-    def connections(self) -> frozenset[WebSocketConnection]:
-        """The connections open right now."""
-        return frozenset(self._connections)
+    def connections(self) -> ConnectionRegistry:
+        """The connections open right now, by ID: look up, count, close one."""
+        return self._registry
 
     async def run(
         self, *, task_status: trio.TaskStatus[WebSocketServer] = trio.TASK_STATUS_IGNORED
@@ -330,7 +418,7 @@ class WebSocketServer:
         logger.info("shutting down: closing %d connections", len(self._connections))
         with trio.move_on_after(_timeout(self.close_timeout)):
             async with trio.open_nursery() as closers:
-                for conn in list(self._connections):
+                for conn in list(self._connections.values()):
                     closers.start_soon(
                         functools.partial(conn.aclose, CloseCode.GOING_AWAY, "server shutting down")
                     )
@@ -347,7 +435,7 @@ class WebSocketServer:
         """
         while True:
             await trio.sleep(interval)
-            for conn in list(self._connections):
+            for conn in list(self._connections.values()):
                 if conn.keepalive_due() and conn._nursery is not None:
                     conn._nursery.start_soon(conn._keepalive_once)
 
@@ -383,6 +471,8 @@ class WebSocketServer:
         )
         error: HTTPError | None = None
         request: WebSocketRequest | None = None
+        plain: bytes | None = None
+        params: dict[str, str] = {}
         deadline = trio.current_time() + _timeout(self.open_timeout)
         try:
             async with trio.open_nursery() as nursery:
@@ -390,35 +480,51 @@ class WebSocketServer:
                 # handler's decision); accept() lifts it. No extra cancel scope
                 # stays alive for the connection's lifetime.
                 nursery.cancel_scope.deadline = deadline
+                route: Route | None = None
                 try:
                     while handshake.receive_data(await transport.receive()) is None:
                         pass
-                    handshake.check_upgrade()
-                    if self._stopping:
-                        raise HTTPError(503, "server shutting down")
-                    if (
-                        self.max_connections is not None
-                        and len(self._connections) >= self.max_connections
-                    ):
-                        raise HTTPError(503, "too many connections", [("Retry-After", "1")])
+                    head = handshake.head
+                    assert head is not None
+                    found = self._router.match(head.path)
+                    if found is None:
+                        raise HTTPError(404, f"nothing is served at {head.path}")
+                    route, params = found
+                    if route.kind == "http" or not head.is_upgrade:
+                        plain = await self._plain_http(route, params, handshake)
+                    else:
+                        handshake.check_upgrade()
+                        self._check_origin(head.headers.get("origin"))
+                        if self._stopping:
+                            raise HTTPError(503, "server shutting down")
+                        if (
+                            self.max_connections is not None
+                            and len(self._connections) >= self.max_connections
+                        ):
+                            raise HTTPError(503, "too many connections", [("Retry-After", "1")])
                 except HTTPError as exc:
                     error = exc
                 else:
-                    request = WebSocketRequest(self, stream, handshake, nursery)
-                    request._open_scope = nursery.cancel_scope
-                    request._transport = transport
-                    try:
-                        await self.handler(request)
-                    except ConnectionClosed:
-                        pass  # the connection ended under the handler: not an error
-                    except Exception:
-                        await self._handler_failed(request)
-                    if request.connection is not None:
-                        await request.connection.aclose()
-                        self._connections.discard(request.connection)
+                    if plain is None:
+                        assert route is not None
+                        request = WebSocketRequest(self, stream, handshake, nursery)
+                        request._open_scope = nursery.cancel_scope
+                        request._transport = transport
+                        request.path_params = params
+                        try:
+                            await self._serve_request(route, request)
+                        except ConnectionClosed:
+                            pass  # the connection ended under the handler: not an error
+                        except Exception:
+                            await self._handler_failed(request)
+                        if request.connection is not None:
+                            await request.connection.aclose()
+                            self._connections.pop(request.connection.id, None)
                 nursery.cancel_scope.cancel()
             # Whatever the opening phase did not answer gets its answer now.
-            if request is None:
+            if plain is not None:
+                await self._send_http(stream, plain)
+            elif request is None:
                 error = error or HTTPError(408, "request timeout")
                 logger.info("bad request: %s", error)
                 await self._send_http(
@@ -443,6 +549,80 @@ class WebSocketServer:
             self._handling -= 1
             if not self._handling:
                 self._idle.set()
+
+    async def _serve_request(self, route: Route, request: WebSocketRequest) -> None:
+        """Authenticate, then run a handler function or a handler object's hooks."""
+        handler: WebSocketHandler | None = None
+        if route.kind == "factory":
+            handler = route.endpoint()
+        elif route.kind == "handler":
+            handler = route.endpoint
+        for authenticator in (self.authenticator, getattr(handler, "authenticator", None)):
+            if authenticator is None:
+                continue
+            user = authenticator(request)
+            if inspect.isawaitable(user):
+                user = await user
+            if user is None:
+                await request.reject(
+                    401,
+                    headers=[("WWW-Authenticate", authenticator.www_authenticate)],
+                    body="authentication required\n",
+                )
+                return
+            request.user = user
+        if handler is None:
+            await route.endpoint(request)
+            return
+        decision = await handler.validate(request)
+        if isinstance(decision, Reject):
+            await request.reject(decision.status, headers=decision.headers, body=decision.body)
+            return
+        if decision is None:
+            decision = Accept()
+        request._dispatch = True
+        conn = await request.accept(
+            subprotocol=decision.subprotocol, extra_headers=decision.headers
+        )
+        await conn._dispatch(handler)
+
+    def _check_origin(self, origin: str | None) -> None:
+        """403 for an Origin outside ``allowed_origins`` (cross-site WebSocket hijacking)."""
+        if self.allowed_origins is None or origin is None:
+            return  # not configured, or not a browser (browsers always send Origin)
+        if origin.lower().rstrip("/") not in self.allowed_origins:
+            raise HTTPError(403, f"origin {origin} is not allowed")
+
+    async def _plain_http(
+        self, route: Route, params: dict[str, str], handshake: ServerHandshake
+    ) -> bytes:
+        """The response to a plain HTTP request: an HTTP route, a default page, 426 or 405."""
+        head = handshake.head
+        assert head is not None
+        if route.kind == "http":
+            response = await route.endpoint(
+                HTTPRequest(head.method, head.path, head.query, head.headers, params)
+            )
+            return handshake.reject(
+                response.status,
+                headers=response.headers,
+                body=response.body,
+                content_type=response.content_type,
+            )
+        if head.method not in ("GET", "HEAD"):
+            raise HTTPError(405, "this resource speaks WebSocket only", [("Allow", "GET")])
+        page = getattr(route.endpoint, "default_page", None)
+        if page is None:
+            handshake.check_upgrade()  # raises 426 with the headers that would work
+            raise AssertionError("unreachable")  # pragma: no cover
+        if isinstance(page, Path):
+            body = await trio.Path(page).read_bytes()
+            content_type = mimetypes.guess_type(page.name)[0] or "application/octet-stream"
+            if content_type.startswith("text/"):
+                content_type += "; charset=utf-8"
+        else:
+            body, content_type = page.encode("utf-8"), "text/html; charset=utf-8"
+        return handshake.reject(200, body=body, content_type=content_type)
 
     async def _handler_failed(self, request: WebSocketRequest) -> None:
         """Log the handler's exception; answer 500, or close its connection with 1011."""
@@ -476,12 +656,36 @@ def _timeout(value: float | None) -> float:
     return math.inf if value is None else value
 
 
+async def _open_unix_listener(path: str, backlog: int | None) -> trio.SocketListener:
+    """A listener on a Unix domain socket; a stale socket file is replaced."""
+    import os
+    import stat
+
+    try:
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    try:
+        await sock.bind(path)
+        sock.listen(backlog or 128)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketListener(sock)
+
+
 async def serve_websocket(
-    handler: Handler,
-    host: str | bytes | None,
-    port: int,
+    handler: HandlerSpec,
+    host: str | bytes | None = None,
+    port: int = 0,
     *,
     ssl_context: ssl.SSLContext | None = None,
+    unix_socket: str | None = None,
+    http_routes: Mapping[str, HTTPEndpoint] | None = None,
+    authenticator: Authenticator | None = None,
+    allowed_origins: Sequence[str] | None = None,
     # Limits
     max_message_size: int | None = 2**20,
     max_queue: int = 16,
@@ -501,19 +705,33 @@ async def serve_websocket(
 ) -> None:
     """Serve WebSocket connections on ``host:port`` until cancelled.
 
-    Each accepted connection runs ``handler(request)`` in a nursery of its own;
-    the handler answers with :meth:`WebSocketRequest.accept` or
-    :meth:`~WebSocketRequest.reject`. Use it with ``nursery.start`` to get the
-    :class:`WebSocketServer` (and its :attr:`~WebSocketServer.port`) once it
-    listens::
+    Each accepted connection is served in a nursery of its own, by a handler
+    function (``async def handler(request)``, which answers with
+    :meth:`WebSocketRequest.accept` or :meth:`~WebSocketRequest.reject`) or by
+    a :class:`WebSocketHandler` (its ``validate`` decides, its hooks get the
+    events). Use it with ``nursery.start`` to get the :class:`WebSocketServer`
+    (and its :attr:`~WebSocketServer.port`) once it listens::
 
         server = await nursery.start(serve_websocket, handler, "127.0.0.1", 0)
 
     Args:
-        handler: ``async def handler(request)``.
+        handler: A handler function, a :class:`WebSocketHandler` instance (one
+            for every connection), a :class:`WebSocketHandler` subclass (one
+            instance per connection), or a mapping of paths to any of these
+            (``{"/chat": Chat, "/rooms/{name}": Room(), "/echo": echo}``;
+            other paths get 404).
         host: The address to bind (None for every interface).
         port: The port (0 for any free one).
-        ssl_context: Serve ``wss://`` with this server-side context.
+        ssl_context: Serve ``wss://`` with this server-side context (see
+            :func:`server_ssl_context` for client certificates).
+        unix_socket: Listen on this Unix domain socket path instead of TCP.
+        http_routes: Plain HTTP endpoints, ``{"/health": fn}`` with
+            ``async def fn(request: HTTPRequest) -> HTTPResponse``.
+        authenticator: Runs before every handler (:class:`BasicAuth`,
+            :class:`TokenAuth`, or your own); None answers 401.
+        allowed_origins: When set, an upgrade whose ``Origin`` is not in the
+            list gets 403 (cross-site WebSocket hijacking); requests without
+            ``Origin`` (not from a browser) are let through.
         max_message_size: Largest incoming message in bytes (1009 past it);
             None for no limit.
         max_queue: Messages received and not yet read before the reader stops
@@ -533,9 +751,11 @@ async def serve_websocket(
     Cancellation:
         Stops gracefully: see :meth:`WebSocketServer.run`.
     """
-    listeners: list[trio.abc.Listener[Any]] = list(
-        await trio.open_tcp_listeners(port, host=host, backlog=backlog)
-    )
+    listeners: list[trio.abc.Listener[Any]]
+    if unix_socket is not None:
+        listeners = [await _open_unix_listener(unix_socket, backlog)]
+    else:
+        listeners = list(await trio.open_tcp_listeners(port, host=host, backlog=backlog))
     if ssl_context is not None:
         listeners = [
             trio.SSLListener(lst, ssl_context, https_compatible=False) for lst in listeners
@@ -543,6 +763,9 @@ async def serve_websocket(
     server = WebSocketServer(
         handler,
         listeners,
+        http_routes=http_routes,
+        authenticator=authenticator,
+        allowed_origins=allowed_origins,
         max_message_size=max_message_size,
         max_queue=max_queue,
         max_connections=max_connections,
