@@ -72,6 +72,10 @@ class CloseReason:
     reason: str = ""
     initiated_by_peer: bool = True
 
+    def __post_init__(self) -> None:
+        # Codes compare and print as plain ints, whether given as CloseCode or int.
+        object.__setattr__(self, "code", int(self.code))
+
     @property
     def name(self) -> str:
         """The code's name (``"NORMAL_CLOSURE"``), or the range it falls in."""
