@@ -34,7 +34,7 @@ import sys
 MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 HOST = "127.0.0.1"
 
-KINDS = ("raw", "websockets", "trio-websocket", "wsnursery")
+KINDS = ("raw", "websockets", "trio-websocket", "wsnursery", "wsn-handler")
 
 
 # --------------------------------------------------------------------------- raw
@@ -216,11 +216,39 @@ async def serve_wsnursery(port: int, task_status) -> None:  # type: ignore[no-un
         task_status.started(port)
 
 
+async def serve_wsnursery_handler(port: int, task_status) -> None:  # type: ignore[no-untyped-def]
+    """The same echo as a WebSocketHandler: hooks run in the connection's own task."""
+    import trio
+
+    import wsnursery
+
+    class Echo(wsnursery.WebSocketHandler):
+        async def on_text(self, conn, text) -> None:  # type: ignore[no-untyped-def]
+            await conn.send_message(text)
+
+        async def on_binary(self, conn, data) -> None:  # type: ignore[no-untyped-def]
+            await conn.send_message(data)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            functools.partial(
+                wsnursery.serve_websocket,
+                Echo(),
+                HOST,
+                port,
+                max_message_size=MAX_MESSAGE_SIZE,
+                compression=False,
+            )
+        )
+        task_status.started(port)
+
+
 SERVERS = {
     "raw": serve_raw,
     "websockets": serve_websockets,
     "trio-websocket": serve_trio_websocket,
     "wsnursery": serve_wsnursery,
+    "wsn-handler": serve_wsnursery_handler,
 }
 
 
@@ -231,11 +259,13 @@ def available(kind: str) -> str | None:
             import websockets.trio.server  # noqa: F401
         elif kind == "trio-websocket":
             import trio_websocket  # noqa: F401
-        elif kind == "wsnursery":
+        elif kind in ("wsnursery", "wsn-handler"):
             import wsnursery
 
             if not hasattr(wsnursery, "serve_websocket"):
                 return "wsnursery has no serve_websocket yet"
+            if kind == "wsn-handler" and not hasattr(wsnursery, "WebSocketHandler"):
+                return "wsnursery has no WebSocketHandler yet"
         else:
             import trio  # noqa: F401
     except Exception as exc:

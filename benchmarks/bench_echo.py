@@ -39,6 +39,7 @@ SERVERS = [
     ("websockets", "websockets.trio"),
     ("trio-websocket", "trio-websocket"),
     ("wsnursery", "wsnursery"),
+    ("wsn-handler", "wsnursery (handler)"),
 ]
 LABEL = dict(SERVERS)
 RATIOS = [
@@ -262,10 +263,16 @@ Row = tuple[str, dict[str, float | None], set[str]]
 
 def print_table(title: str, rows: list[Row], kinds: list[str], fmt: str) -> None:
     heads = [LABEL[k] for k in kinds]
+    # Ratio columns for each wsnursery variant in the run: the handler function
+    # ("wsn") and the handler object whose hooks run in the reader ("wsnH").
     ratio_cols = [
-        (k, "wsn" + suffix) for k, suffix in RATIOS if k in kinds and "wsnursery" in kinds
+        (base, k, prefix + suffix)
+        for base, prefix in (("wsnursery", "wsn"), ("wsn-handler", "wsnH"))
+        if base in kinds
+        for k, suffix in RATIOS
+        if k in kinds
     ]
-    heads += [h for _, h in ratio_cols]
+    heads += [h for _, _, h in ratio_cols]
     w0 = max(len(r[0]) for r in rows) if rows else 10
     widths = [max(len(h), 9) for h in heads]
     print(f"\n{title}")
@@ -277,9 +284,8 @@ def print_table(title: str, rows: list[Row], kinds: list[str], fmt: str) -> None
         for k in kinds:
             v = vals.get(k)
             cells.append("n/a" if v is None else format(v, fmt) + ("*" if k in noisy else ""))
-        wsn = vals.get("wsnursery")
-        for k, _ in ratio_cols:
-            v = vals.get(k)
+        for base, k, _ in ratio_cols:
+            wsn, v = vals.get(base), vals.get(k)
             cells.append("—" if wsn is None or not v else f"{wsn / v:.2f}x")
         print(
             "  "

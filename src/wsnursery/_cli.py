@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import trio
 
+from ._connection import WebSocketConnection
+from ._handler import WebSocketHandler
 from ._server import WebSocketRequest, serve_websocket
 
 __all__ = ["main"]
@@ -25,12 +27,22 @@ async def echo_handler(request: WebSocketRequest) -> None:
         await conn.send_message(message)
 
 
+class EchoHandler(WebSocketHandler):
+    """The same echo as a handler object: its hooks run in the connection's task."""
+
+    async def on_text(self, conn: WebSocketConnection, text: str) -> None:
+        await conn.send_message(text)
+
+    async def on_binary(self, conn: WebSocketConnection, data: bytes) -> None:
+        await conn.send_message(data)
+
+
 async def _run_echo(args: argparse.Namespace) -> None:
     async with trio.open_nursery() as nursery:
         server = await nursery.start(
             functools.partial(
                 serve_websocket,
-                echo_handler,
+                EchoHandler() if args.api == "handler" else echo_handler,
                 args.host,
                 args.port,
                 max_message_size=args.max_message_size,
@@ -64,6 +76,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     echo.add_argument(
         "--no-compression", action="store_true", help="do not accept permessage-deflate"
+    )
+    echo.add_argument(
+        "--api",
+        choices=("handler", "function"),
+        default="handler",
+        help="serve with a WebSocketHandler (default) or an async handler function",
     )
     return parser
 

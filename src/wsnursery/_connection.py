@@ -347,6 +347,14 @@ class WebSocketConnection(trio.abc.AsyncResource):
                 proto.receive_data(self._trailing)
                 self._trailing = b""
             while not self._transport_closed:
+                if proto._out:
+                    # Pongs (and a close echo) first: a ping answered in the order
+                    # it came, before the replies to messages that came after it.
+                    try:
+                        await self._write(proto.data_to_send())
+                    except ConnectionClosed:
+                        pass
+                    continue
                 if proto.messages or (
                     proto.close_received is not None and not self._close_hook_done
                 ):
