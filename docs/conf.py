@@ -73,7 +73,7 @@ if not USE_INTERSPHINX:
     # never warn: Sphinx lets them through by itself.)
     nitpick_ignore_regex += [
         (r"py:.*", r"(trio|wsproto)(\..+)?"),
-        (r"py:.*", r"(ssl|collections\.abc|functools)(\..+)?"),
+        (r"py:.*", r"(ssl|collections\.abc|functools|os|pathlib)(\..+)?"),
     ]
 
 # -- Docstring workarounds ---------------------------------------------------

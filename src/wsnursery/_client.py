@@ -10,7 +10,7 @@ from urllib.parse import parse_qsl, urlsplit
 import trio
 
 from ._connection import WebSocketConnection, _timeout
-from ._exceptions import CloseCode, HandshakeTimeout, TransportError
+from ._exceptions import CloseCode, HandshakeTimeout, InvalidHandshake, TransportError
 from ._handshake import ClientHandshake
 from ._headers import HeaderPairs
 from ._protocol import BoundedPerMessageDeflate, Protocol
@@ -46,6 +46,7 @@ async def connect_websocket(
     *,
     use_ssl: bool = False,
     ssl_context: ssl.SSLContext | None = None,
+    unix_socket: str | None = None,
     subprotocols: Sequence[str] = (),
     extra_headers: HeaderPairs = (),
     # Limits
@@ -72,6 +73,8 @@ async def connect_websocket(
         use_ssl: Connect with TLS (``wss``), verifying with the default
             trust store unless ``ssl_context`` is given.
         ssl_context: The client-side TLS context; implies TLS.
+        unix_socket: Connect to this Unix domain socket path instead of
+            ``host:port`` (which still make the ``Host`` header).
         subprotocols: Subprotocols to propose, in order of preference.
         extra_headers: More request headers (``Origin``, ``Authorization``...).
         max_message_size: Largest incoming message in bytes (1009 past it).
@@ -106,14 +109,27 @@ async def connect_websocket(
     try:
         with trio.fail_after(_timeout(open_timeout)):
             try:
-                stream = await trio.open_tcp_stream(host, port)
+                if unix_socket is not None:
+                    stream = await trio.open_unix_socket(unix_socket)
+                else:
+                    stream = await trio.open_tcp_stream(host, port)
                 if tls:
                     context = ssl_context or ssl.create_default_context()
                     stream = trio.SSLStream(
                         stream, context, server_hostname=host, https_compatible=True
                     )
                     await stream.do_handshake()
-                await upgrade(stream, handshake)
+                try:
+                    await upgrade(stream, handshake)
+                except InvalidHandshake as exc:
+                    if tls and handshake.closed_before_answer:
+                        # With TLS 1.3 a server that refuses our certificate
+                        # may just close after its side of the TLS handshake.
+                        raise TransportError(
+                            f"{host}:{port} closed the TLS connection before answering "
+                            "the upgrade (did it refuse our client certificate?)"
+                        ) from exc
+                    raise
             except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 # trio reports a failed TLS handshake as BrokenResourceError
                 # caused by the ssl error: keep the ssl error as the cause.

@@ -181,6 +181,11 @@ class WebSocketConnection(trio.abc.AsyncResource):
         response_headers: The 101 response's headers.
         subprotocol: The negotiated subprotocol, or None.
         extensions: The negotiated extensions (wsproto objects).
+        id (str): The connection's ID, unique in the process (its key in
+            :attr:`WebSocketServer.connections`).
+        user: What the authenticator returned, or None.
+        server: The :class:`WebSocketServer` that accepted the connection
+            (None on the client side).
     """
 
     def __init__(
@@ -398,8 +403,9 @@ class WebSocketConnection(trio.abc.AsyncResource):
         try:
             while messages:
                 message = messages.popleft()
-                if proto.state is not _OPEN:
-                    continue  # a hook failed or closed: the rest is not delivered
+                sent = proto.close_sent
+                if sent is not None and not sent.initiated_by_peer:
+                    continue  # we are closing (a hook failed or closed): drop the rest
                 handler = self._hooks()
                 if type(message) is str:
                     await self._call_hook(handler.on_text, message)
@@ -419,6 +425,8 @@ class WebSocketConnection(trio.abc.AsyncResource):
         """Run a hook; if it raises, log it and start closing with 1011. True if it returned."""
         try:
             await hook(self, *args)
+        except ConnectionClosed:
+            return False  # a send met the closing connection: the normal way to end
         except Exception:
             logger.exception("handler hook %s failed on %s; closing with 1011", hook.__name__, self)
             await self._start_close(CloseCode.INTERNAL_ERROR, "internal error")

@@ -41,7 +41,8 @@ class Accept:
 
     Attributes:
         subprotocol: One of the subprotocols the client proposed, or None.
-        headers: More response headers.
+        headers (~collections.abc.Iterable[tuple[str, str]]): More response
+            headers, as (name, value) pairs.
     """
 
     subprotocol: str | None = None
@@ -54,7 +55,8 @@ class Reject:
 
     Attributes:
         status: The HTTP status (400-599, or 2xx/3xx such as a redirect).
-        headers: Response headers.
+        headers (~collections.abc.Iterable[tuple[str, str]]): Response
+            headers, as (name, value) pairs.
         body: The response body (``str`` is sent as UTF-8 text).
     """
 
@@ -70,7 +72,8 @@ class HTTPResponse:
     Attributes:
         status: The HTTP status.
         body: The body; ``str`` is encoded as UTF-8.
-        headers: More headers.
+        headers (~collections.abc.Iterable[tuple[str, str]]): More headers,
+            as (name, value) pairs.
         content_type: The ``Content-Type`` when ``body`` is not empty.
     """
 
@@ -92,9 +95,10 @@ class WebSocketHandler:
     1011 (logged with its traceback); ``on_disconnect`` is still called.
 
     Attributes:
-        default_page: What a plain HTTP GET on the handler's path returns: HTML
-            text, or a :class:`pathlib.Path` to a file (its type is guessed from
-            its name). None: such a GET gets 426 Upgrade Required.
+        default_page (str | ~pathlib.Path | None): What a plain HTTP GET on
+            the handler's path returns: HTML text, or a :class:`pathlib.Path`
+            to a file (its type is guessed from its name). None: such a GET
+            gets 426 Upgrade Required.
         authenticator: Runs before :meth:`validate`; see :class:`BasicAuth` and
             :class:`TokenAuth`. None: no authentication (the server's own
             ``authenticator`` still applies).

@@ -351,6 +351,8 @@ class ClientHandshake:
         self.accepted_extensions: list[Extension] = []
         #: Bytes after the 101 response (the server's first frames).
         self.trailing_data = b""
+        #: True when the server closed the connection without any answer.
+        self.closed_before_answer = False
 
     def request(self) -> bytes:
         """The bytes of the upgrade request."""
@@ -426,6 +428,7 @@ class ClientHandshake:
                 list(self._rejection.headers.raw_items()),
                 bytes(self._body),
             )
+        self.closed_before_answer = True
         raise InvalidHandshake("connection closed before the server answered the upgrade")
 
     def _accepted(self, event: h11.InformationalResponse) -> None:

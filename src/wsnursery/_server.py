@@ -270,6 +270,14 @@ class ConnectionRegistry(Mapping[str, WebSocketConnection]):
     def __len__(self) -> int:
         return len(self._connections)
 
+    def values(self) -> list[WebSocketConnection]:  # type: ignore[override]
+        """A snapshot of the open connections: safe to await while iterating it."""
+        return list(self._connections.values())
+
+    def items(self) -> list[tuple[str, WebSocketConnection]]:  # type: ignore[override]
+        """A snapshot of ``(id, connection)`` pairs: safe to await while iterating it."""
+        return list(self._connections.items())
+
     async def close(self, connection_id: str, code: int = 1000, reason: str = "") -> bool:
         """Close the connection with this ID; False if there is none.
 
@@ -371,7 +379,7 @@ class WebSocketServer:
 
     @property
     def connections(self) -> ConnectionRegistry:
-        """The connections open right now, by ID: look up, count, close one."""
+        """The connections open right now, by ID (look up, count, close one)."""
         return self._registry
 
     async def run(
@@ -475,71 +483,74 @@ class WebSocketServer:
         params: dict[str, str] = {}
         deadline = trio.current_time() + _timeout(self.open_timeout)
         try:
-            async with trio.open_nursery() as nursery:
-                # The nursery's own scope is the open_timeout (TLS, head, the
-                # handler's decision); accept() lifts it. No extra cancel scope
-                # stays alive for the connection's lifetime.
-                nursery.cancel_scope.deadline = deadline
-                route: Route | None = None
-                try:
-                    while handshake.receive_data(await transport.receive()) is None:
-                        pass
-                    head = handshake.head
-                    assert head is not None
-                    found = self._router.match(head.path)
-                    if found is None:
-                        raise HTTPError(404, f"nothing is served at {head.path}")
-                    route, params = found
-                    if route.kind == "http" or not head.is_upgrade:
-                        plain = await self._plain_http(route, params, handshake)
+            # Errors from inside the nursery come wrapped in a group: unwrap the
+            # single one so the transport errors below match.
+            with collapse_exception_groups():
+                async with trio.open_nursery() as nursery:
+                    # The nursery's own scope is the open_timeout (TLS, head, the
+                    # handler's decision); accept() lifts it. No extra cancel scope
+                    # stays alive for the connection's lifetime.
+                    nursery.cancel_scope.deadline = deadline
+                    route: Route | None = None
+                    try:
+                        while handshake.receive_data(await transport.receive()) is None:
+                            pass
+                        head = handshake.head
+                        assert head is not None
+                        found = self._router.match(head.path)
+                        if found is None:
+                            raise HTTPError(404, f"nothing is served at {head.path}")
+                        route, params = found
+                        if route.kind == "http" or not head.is_upgrade:
+                            plain = await self._plain_http(route, params, handshake)
+                        else:
+                            handshake.check_upgrade()
+                            self._check_origin(head.headers.get("origin"))
+                            if self._stopping:
+                                raise HTTPError(503, "server shutting down")
+                            if (
+                                self.max_connections is not None
+                                and len(self._connections) >= self.max_connections
+                            ):
+                                raise HTTPError(503, "too many connections", [("Retry-After", "1")])
+                    except HTTPError as exc:
+                        error = exc
                     else:
-                        handshake.check_upgrade()
-                        self._check_origin(head.headers.get("origin"))
-                        if self._stopping:
-                            raise HTTPError(503, "server shutting down")
-                        if (
-                            self.max_connections is not None
-                            and len(self._connections) >= self.max_connections
-                        ):
-                            raise HTTPError(503, "too many connections", [("Retry-After", "1")])
-                except HTTPError as exc:
-                    error = exc
-                else:
-                    if plain is None:
-                        assert route is not None
-                        request = WebSocketRequest(self, stream, handshake, nursery)
-                        request._open_scope = nursery.cancel_scope
-                        request._transport = transport
-                        request.path_params = params
-                        try:
-                            await self._serve_request(route, request)
-                        except ConnectionClosed:
-                            pass  # the connection ended under the handler: not an error
-                        except Exception:
-                            await self._handler_failed(request)
-                        if request.connection is not None:
-                            await request.connection.aclose()
-                            self._connections.pop(request.connection.id, None)
-                nursery.cancel_scope.cancel()
-            # Whatever the opening phase did not answer gets its answer now.
-            if plain is not None:
-                await self._send_http(stream, plain)
-            elif request is None:
-                error = error or HTTPError(408, "request timeout")
-                logger.info("bad request: %s", error)
-                await self._send_http(
-                    stream,
-                    handshake.reject(
-                        error.status, headers=error.headers, body=error.message + "\n"
-                    ),
-                )
-            elif request.connection is None and not request._answered:
-                if trio.current_time() >= deadline:
-                    logger.info("handler did not answer %s within open_timeout", request.path)
-                    await request.reject(503, body="handshake timeout\n")
-                else:
-                    logger.error("handler returned without accepting or rejecting %s", request)
-                    await request.reject(500, body="internal server error\n")
+                        if plain is None:
+                            assert route is not None
+                            request = WebSocketRequest(self, stream, handshake, nursery)
+                            request._open_scope = nursery.cancel_scope
+                            request._transport = transport
+                            request.path_params = params
+                            try:
+                                await self._serve_request(route, request)
+                            except ConnectionClosed:
+                                pass  # the connection ended under the handler: not an error
+                            except Exception:
+                                await self._handler_failed(request)
+                            if request.connection is not None:
+                                await request.connection.aclose()
+                                self._connections.pop(request.connection.id, None)
+                    nursery.cancel_scope.cancel()
+                # Whatever the opening phase did not answer gets its answer now.
+                if plain is not None:
+                    await self._send_http(stream, plain)
+                elif request is None:
+                    error = error or HTTPError(408, "request timeout")
+                    logger.info("bad request: %s", error)
+                    await self._send_http(
+                        stream,
+                        handshake.reject(
+                            error.status, headers=error.headers, body=error.message + "\n"
+                        ),
+                    )
+                elif request.connection is None and not request._answered:
+                    if trio.current_time() >= deadline:
+                        logger.info("handler did not answer %s within open_timeout", request.path)
+                        await request.reject(503, body="handshake timeout\n")
+                    else:
+                        logger.error("handler returned without accepting or rejecting %s", request)
+                        await request.reject(500, body="internal server error\n")
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError) as exc:
             logger.debug("transport failed during the handshake: %r", exc)
         except Exception:  # pragma: no cover - everything expected is handled above
@@ -552,12 +563,9 @@ class WebSocketServer:
 
     async def _serve_request(self, route: Route, request: WebSocketRequest) -> None:
         """Authenticate, then run a handler function or a handler object's hooks."""
-        handler: WebSocketHandler | None = None
-        if route.kind == "factory":
-            handler = route.endpoint()
-        elif route.kind == "handler":
-            handler = route.endpoint
-        for authenticator in (self.authenticator, getattr(handler, "authenticator", None)):
+        # For a handler class, read its authenticator from the class: no
+        # instance is made for a request that authentication refuses.
+        for authenticator in (self.authenticator, getattr(route.endpoint, "authenticator", None)):
             if authenticator is None:
                 continue
             user = authenticator(request)
@@ -571,9 +579,10 @@ class WebSocketServer:
                 )
                 return
             request.user = user
-        if handler is None:
+        if route.kind == "function":
             await route.endpoint(request)
             return
+        handler: WebSocketHandler = route.endpoint() if route.kind == "factory" else route.endpoint
         decision = await handler.validate(request)
         if isinstance(decision, Reject):
             await request.reject(decision.status, headers=decision.headers, body=decision.body)
