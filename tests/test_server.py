@@ -397,3 +397,22 @@ async def test_server_keepalive_closes_a_silent_client_and_keeps_live_ones() -> 
                 assert len(server.connections) == 1
                 await silent.aclose()
             nursery.cancel_scope.cancel()
+
+
+async def test_a_half_read_request_head_gets_503_at_once_on_shutdown() -> None:
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            server = await start(nursery, echo, close_timeout=30, open_timeout=30)
+            raw = await trio.open_tcp_stream("127.0.0.1", server.port)
+            await raw.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n")  # the head never ends
+            await trio.testing.wait_all_tasks_blocked(0.05)
+            start_time = trio.current_time()
+            nursery.start_soon(server.aclose)
+            response = b""
+            while b"\r\n\r\n" not in response:
+                chunk = await raw.receive_some()
+                assert chunk, response
+                response += chunk
+            assert response.startswith(b"HTTP/1.1 503 ")
+            assert trio.current_time() - start_time < 2  # not close_timeout (30 s)
+            await raw.aclose()

@@ -207,6 +207,7 @@ class WebSocketRequest:
             raise ConnectionClosed.for_reason(_lost()) from exc.__cause__
         if self._open_scope is not None:
             self._open_scope.deadline = math.inf  # the open_timeout no longer applies
+            server._opening.discard(self._open_scope)
         self.connection = conn
         if self._dispatch:
             conn._nursery = self._nursery  # the client's task reads: see _dispatch
@@ -345,6 +346,9 @@ class WebSocketServer:
         self.ping_timeout = ping_timeout
         self.compression = compression
         self._connections: dict[str, WebSocketConnection] = {}
+        # Connection nurseries still in the opening handshake: a stop cancels
+        # them at once, and they answer 503.
+        self._opening: set[trio.CancelScope | None] = set()
         self._registry = ConnectionRegistry(self._connections)
         self._handling = 0
         self._stopping = False
@@ -423,6 +427,9 @@ class WebSocketServer:
         self._stopping = True
         for listener in self.listeners:
             await trio.aclose_forcefully(listener)
+        for scope in list(self._opening):
+            if scope is not None:
+                scope.cancel()  # handshakes in progress: answered with 503
         logger.info("shutting down: closing %d connections", len(self._connections))
         with trio.move_on_after(_timeout(self.close_timeout)):
             async with trio.open_nursery() as closers:
@@ -482,11 +489,14 @@ class WebSocketServer:
         plain: bytes | None = None
         params: dict[str, str] = {}
         deadline = trio.current_time() + _timeout(self.open_timeout)
+        opening_scope: trio.CancelScope | None = None
         try:
             # Errors from inside the nursery come wrapped in a group: unwrap the
             # single one so the transport errors below match.
             with collapse_exception_groups():
                 async with trio.open_nursery() as nursery:
+                    opening_scope = nursery.cancel_scope
+                    self._opening.add(opening_scope)  # until accepted; see _shutdown
                     # The nursery's own scope is the open_timeout (TLS, head, the
                     # handler's decision); accept() lifts it. No extra cancel scope
                     # stays alive for the connection's lifetime.
@@ -536,7 +546,12 @@ class WebSocketServer:
                 if plain is not None:
                     await self._send_http(stream, plain)
                 elif request is None:
-                    error = error or HTTPError(408, "request timeout")
+                    if error is None:  # cancelled: by open_timeout, or by a shutdown
+                        error = (
+                            HTTPError(503, "server shutting down")
+                            if self._stopping
+                            else HTTPError(408, "request timeout")
+                        )
                     logger.info("bad request: %s", error)
                     await self._send_http(
                         stream,
@@ -545,7 +560,9 @@ class WebSocketServer:
                         ),
                     )
                 elif request.connection is None and not request._answered:
-                    if trio.current_time() >= deadline:
+                    if self._stopping:
+                        await request.reject(503, body="server shutting down\n")
+                    elif trio.current_time() >= deadline:
                         logger.info("handler did not answer %s within open_timeout", request.path)
                         await request.reject(503, body="handshake timeout\n")
                     else:
@@ -556,6 +573,7 @@ class WebSocketServer:
         except Exception:  # pragma: no cover - everything expected is handled above
             logger.exception("unexpected error while serving a connection")
         finally:
+            self._opening.discard(opening_scope)
             await transport.close()
             self._handling -= 1
             if not self._handling:
