@@ -69,6 +69,9 @@ _SHARED_BUFFERS = [_SHARED_BUFFER]
 _TRANSPORT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 _MESSAGE_TYPES = (str, bytes, bytearray, memoryview)
 _ids = itertools.count(1)
+# Connections served by a handler object never park a consumer or a paused
+# reader: they share this empty lot instead of owning one (memory per connection).
+_NO_LOT = ParkingLot()
 
 
 def _frame_size(frame: Frame) -> int:
@@ -232,7 +235,7 @@ class WebSocketConnection(trio.abc.AsyncResource):
         # Consumers park here while the queue is empty; the reader parks here
         # while it is full. The two never wait at once (max_queue >= 1), so
         # one lot serves both.
-        self._message_lot = ParkingLot()
+        self._message_lot: ParkingLot = _NO_LOT
         # Made on first need: most sends never wait for the socket.
         self._send_lock: trio.StrictFIFOLock | None = None
         self._pings: dict[bytes, trio.Event] = {}
@@ -298,6 +301,7 @@ class WebSocketConnection(trio.abc.AsyncResource):
         (``keepalive_task=False``); a client connection runs its own.
         """
         self._nursery = nursery
+        self._message_lot = ParkingLot()
         nursery.start_soon(self._reader, name="wsnursery reader")
         if self._ping_interval is not None and keepalive_task:
             nursery.start_soon(self._keepalive, name="wsnursery keep-alive")
@@ -347,6 +351,7 @@ class WebSocketConnection(trio.abc.AsyncResource):
         self._dispatch_task = trio.lowlevel.current_task()
         proto = self._proto
         transport = self._transport
+        fd_mode = type(transport) is _SocketTransport
         try:
             if await self._call_hook(handler.on_connect) and self._trailing:
                 proto.receive_data(self._trailing)
@@ -377,6 +382,20 @@ class WebSocketConnection(trio.abc.AsyncResource):
                     with trio.move_on_at(self._close_deadline) as scope:
                         data = await transport.receive()
                     if scope.cancelled_caught:
+                        break
+                elif fd_mode:
+                    # _SocketTransport.receive, inlined: every idle connection
+                    # holds this task's stack, and this saves one frame of it.
+                    while True:
+                        fd = transport.fd  # type: ignore[attr-defined]
+                        if fd < 0:
+                            raise trio.ClosedResourceError("connection closed")
+                        try:
+                            n = os.readv(fd, _SHARED_BUFFERS)
+                        except BlockingIOError:
+                            await wait_readable(fd)
+                            continue
+                        data = _SHARED_VIEW[:n]
                         break
                 else:
                     data = await transport.receive()

@@ -533,7 +533,11 @@ class WebSocketServer:
                             request._transport = transport
                             request.path_params = params
                             try:
-                                await self._serve_request(route, request)
+                                accepted = await self._serve_request(route, request)
+                                if accepted is not None:
+                                    # Here, not inside _serve_request: one frame less
+                                    # held by every idle connection.
+                                    await accepted[0]._dispatch(accepted[1])
                             except ConnectionClosed:
                                 pass  # the connection ended under the handler: not an error
                             except Exception:
@@ -579,8 +583,15 @@ class WebSocketServer:
             if not self._handling:
                 self._idle.set()
 
-    async def _serve_request(self, route: Route, request: WebSocketRequest) -> None:
-        """Authenticate, then run a handler function or a handler object's hooks."""
+    async def _serve_request(
+        self, route: Route, request: WebSocketRequest
+    ) -> tuple[WebSocketConnection, WebSocketHandler] | None:
+        """Authenticate, then run a handler function, or accept for a handler object.
+
+        Returns:
+            The connection and the handler object whose hooks must now run, or
+            None when there is nothing more to do here.
+        """
         # For a handler class, read its authenticator from the class: no
         # instance is made for a request that authentication refuses.
         for authenticator in (self.authenticator, getattr(route.endpoint, "authenticator", None)):
@@ -595,23 +606,23 @@ class WebSocketServer:
                     headers=[("WWW-Authenticate", authenticator.www_authenticate)],
                     body="authentication required\n",
                 )
-                return
+                return None
             request.user = user
         if route.kind == "function":
             await route.endpoint(request)
-            return
+            return None
         handler: WebSocketHandler = route.endpoint() if route.kind == "factory" else route.endpoint
         decision = await handler.validate(request)
         if isinstance(decision, Reject):
             await request.reject(decision.status, headers=decision.headers, body=decision.body)
-            return
+            return None
         if decision is None:
             decision = Accept()
         request._dispatch = True
         conn = await request.accept(
             subprotocol=decision.subprotocol, extra_headers=decision.headers
         )
-        await conn._dispatch(handler)
+        return conn, handler
 
     def _check_origin(self, origin: str | None) -> None:
         """403 for an Origin outside ``allowed_origins`` (cross-site WebSocket hijacking)."""
