@@ -490,6 +490,7 @@ class WebSocketServer:
         params: dict[str, str] = {}
         deadline = trio.current_time() + _timeout(self.open_timeout)
         opening_scope: trio.CancelScope | None = None
+        served = False
         try:
             # Errors from inside the nursery come wrapped in a group: unwrap the
             # single one so the transport errors below match.
@@ -532,22 +533,33 @@ class WebSocketServer:
                             request._open_scope = nursery.cancel_scope
                             request._transport = transport
                             request.path_params = params
+                            accepted = None
                             try:
                                 accepted = await self._serve_request(route, request)
-                                if accepted is not None:
-                                    # Here, not inside _serve_request: one frame less
-                                    # held by every idle connection.
-                                    await accepted[0]._dispatch(accepted[1])
                             except ConnectionClosed:
                                 pass  # the connection ended under the handler: not an error
                             except Exception:
                                 await self._handler_failed(request)
-                            if request.connection is not None:
+                            if accepted is not None:
+                                # A handler object's hooks run here, not inside
+                                # _serve_request, and without the request: every
+                                # idle connection holds this frame, so it keeps
+                                # only what the connection needs.
+                                conn, handler = accepted
+                                accepted = request = None
+                                served = True
+                                try:
+                                    await conn._dispatch(handler)
+                                finally:
+                                    self._connections.pop(conn.id, None)
+                            elif request.connection is not None:
                                 await request.connection.aclose()
                                 self._connections.pop(request.connection.id, None)
                     nursery.cancel_scope.cancel()
                 # Whatever the opening phase did not answer gets its answer now.
-                if plain is not None:
+                if served:
+                    pass
+                elif plain is not None:
                     await self._send_http(stream, plain)
                 elif request is None:
                     if error is None:  # cancelled: by open_timeout, or by a shutdown
