@@ -44,7 +44,7 @@ from trio.lowlevel import (
 
 from ._exceptions import CloseCode, CloseReason, ConnectionClosed
 from ._protocol import Frame, Message, Protocol, ProtocolState
-from ._util import stream_addresses
+from ._util import LazyAddresses
 
 if TYPE_CHECKING:
     from ._handler import WebSocketHandler
@@ -166,7 +166,7 @@ def _make_transport(stream: trio.abc.Stream) -> _Transport:
     return _Transport(stream)
 
 
-class WebSocketConnection(trio.abc.AsyncResource):
+class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
     """An open WebSocket connection (either side).
 
     Made by the server when a handler accepts a request, and by
@@ -301,20 +301,6 @@ class WebSocketConnection(trio.abc.AsyncResource):
         return f"<WebSocketConnection {side} {self.path!r} state={self._proto.state.name}>"
 
     # -- state ---------------------------------------------------------------
-
-    @property
-    def local(self) -> Any:
-        """This side's socket address (``(host, port)`` for TCP), or None."""
-        if self._addresses is None:
-            self._addresses = stream_addresses(self._stream)
-        return self._addresses[0]
-
-    @property
-    def remote(self) -> Any:
-        """The peer's socket address, or None for a stream without one."""
-        if self._addresses is None:
-            self._addresses = stream_addresses(self._stream)
-        return self._addresses[1]
 
     @property
     def is_client(self) -> bool:

@@ -42,7 +42,7 @@ from ._handler import (
 from ._handshake import HTTPError, RequestHead, ServerHandshake
 from ._headers import HeaderPairs, Headers
 from ._protocol import BoundedPerMessageDeflate, Protocol
-from ._util import collapse_exception_groups, graceful_scope, stream_addresses
+from ._util import LazyAddresses, collapse_exception_groups, graceful_scope
 
 __all__ = ["ConnectionRegistry", "WebSocketRequest", "WebSocketServer", "serve_websocket"]
 
@@ -60,7 +60,7 @@ HandlerSpec: TypeAlias = (
 )
 
 
-class WebSocketRequest:
+class WebSocketRequest(LazyAddresses):
     """A WebSocket upgrade request waiting for the handler's decision.
 
     The handler calls :meth:`accept` (and gets a :class:`WebSocketConnection`)
@@ -118,20 +118,6 @@ class WebSocketRequest:
         if isinstance(stream, trio.SSLStream):
             return stream.getpeercert()
         return None
-
-    @property
-    def local(self) -> Any:
-        """The server's socket address for this connection."""
-        if self._addresses is None:
-            self._addresses = stream_addresses(self._stream)
-        return self._addresses[0]
-
-    @property
-    def remote(self) -> Any:
-        """The client's socket address."""
-        if self._addresses is None:
-            self._addresses = stream_addresses(self._stream)
-        return self._addresses[1]
 
     @property
     def extensions(self) -> list[str]:

@@ -12,7 +12,7 @@ import trio
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 
-__all__ = ["collapse_exception_groups", "graceful_scope", "stream_addresses"]
+__all__ = ["LazyAddresses", "collapse_exception_groups", "graceful_scope", "stream_addresses"]
 
 
 @contextmanager
@@ -35,6 +35,32 @@ def collapse_exception_groups() -> Iterator[None]:
             raise
         # Keep the inner traceback; hide the group as the context.
         raise exc from exc.__cause__ if exc.__cause__ is not None else None
+
+
+class LazyAddresses:
+    """``local`` and ``remote`` socket addresses, looked up on first use.
+
+    For classes with a ``_stream`` and an ``_addresses`` slot: most handlers
+    never ask, and the lookup is two system calls per connection.
+    """
+
+    __slots__ = ()
+    _stream: trio.abc.Stream
+    _addresses: tuple[Any, Any] | None
+
+    @property
+    def local(self) -> Any:
+        """This side's socket address (``(host, port)`` for TCP), or None."""
+        if self._addresses is None:
+            self._addresses = stream_addresses(self._stream)  # type: ignore[misc]
+        return self._addresses[0]
+
+    @property
+    def remote(self) -> Any:
+        """The peer's socket address, or None for a stream without one."""
+        if self._addresses is None:
+            self._addresses = stream_addresses(self._stream)  # type: ignore[misc]
+        return self._addresses[1]
 
 
 def stream_addresses(stream: trio.abc.Stream) -> tuple[Any, Any]:
