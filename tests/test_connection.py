@@ -350,3 +350,27 @@ async def test_max_queue_must_be_positive() -> None:
     a, _ = trio.testing.memory_stream_pair()
     with pytest.raises(ValueError, match="max_queue"):
         make_conn(a, client=True, max_queue=0)
+
+
+async def test_aclose_is_bounded_when_the_peer_stops_reading(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with raw_pair("lockstep", ping_interval=None, close_timeout=3.0) as (client, server):
+        # lockstep: a write waits until the peer reads, and the server's reader
+        # is paused on a full queue, so the close frame can never be written.
+        server._max_queue = 1
+        await client.send_message("fill")
+        await trio.testing.wait_all_tasks_blocked()
+        async with trio.open_nursery() as nursery:
+
+            async def stuck_sender() -> None:
+                # Holds the send lock, mid-frame; the forced close ends it.
+                with pytest.raises(ConnectionClosedError):
+                    await client.send_message(b"x" * 100_000)
+
+            nursery.start_soon(stuck_sender)
+            await trio.testing.wait_all_tasks_blocked()
+            start = trio.current_time()
+            await client.aclose()
+            assert trio.current_time() - start <= 3.0 + 0.01
+            assert client.closed is not None

@@ -482,10 +482,14 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
         out = self._proto.send_close(code, reason)
         if out:
             self._close_deadline = trio.current_time() + _timeout(self._close_timeout)
-            try:
-                await self._write(out)
-            except ConnectionClosed:
-                pass
+            with trio.move_on_at(self._close_deadline) as scope:
+                try:
+                    await self._write(out)
+                except ConnectionClosed:
+                    pass
+            if scope.cancelled_caught:
+                # The peer does not read: give up on the handshake.
+                await self._close_transport("the peer did not read our close frame in time")
 
     def start_soon(self, async_fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
         """Start a task that lives in this connection's nursery and ends with it.
@@ -879,12 +883,14 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
             out = self._proto.send_close(code, reason)
             # We want no more messages: read on past a full queue to the close frame.
             self._message_lot.unpark_all()
-            if out:
-                try:
-                    await self._write(out)
-                except ConnectionClosed:
-                    pass
+            # close_timeout bounds the whole handshake, writing our close frame
+            # included: a peer that stopped reading must not hold us forever.
             with trio.move_on_after(_timeout(self._close_timeout)):
+                if out:
+                    try:
+                        await self._write(out)
+                    except ConnectionClosed:
+                        pass
                 await self._finished.wait()
         finally:
             if not self._finished.is_set():
