@@ -96,9 +96,6 @@ class _Transport:
         """Write what fits without blocking; the generic path writes nothing."""
         return 0
 
-    def detach(self) -> None:
-        pass
-
     async def close(self) -> None:
         await trio.aclose_forcefully(self.stream)
 
@@ -150,9 +147,6 @@ class _SocketTransport(_Transport):
                 raise trio.ClosedResourceError("connection closed")
             await wait_writable(self.fd)
             view = view[self.try_send(view) :]  # type: ignore[arg-type]
-
-    def detach(self) -> None:
-        self.fd = -1
 
     async def close(self) -> None:
         # SocketStream.aclose is socket.close() plus a checkpoint: skip the checkpoint.
@@ -925,8 +919,3 @@ def _check_close_code(code: int) -> None:
     if code in (1002, 1003, 1007, 1009, 1010):
         return
     raise ValueError(f"{code} is not a close code an endpoint may send")
-
-
-def format_close(reason: CloseReason | None) -> str:
-    """A short text for logs."""
-    return "open" if reason is None else str(reason)

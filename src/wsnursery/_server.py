@@ -26,7 +26,7 @@ from typing import Any, TypeAlias
 
 import trio
 
-from ._connection import WebSocketConnection, _make_transport, _Transport
+from ._connection import WebSocketConnection, _make_transport, _timeout, _Transport
 from ._exceptions import CloseCode, CloseReason, ConnectionClosed
 from ._handler import (
     Accept,
@@ -686,10 +686,6 @@ class WebSocketServer:
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass
         await trio.aclose_forcefully(stream)
-
-
-def _timeout(value: float | None) -> float:
-    return math.inf if value is None else value
 
 
 async def _open_unix_listener(path: str, backlog: int | None) -> trio.SocketListener:
