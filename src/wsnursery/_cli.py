@@ -83,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
         default="handler",
         help="serve with a WebSocketHandler (default) or an async handler function",
     )
+    echo.set_defaults(run=lambda args: trio.run(_run_echo, args))
+    # Other commands live in their own modules; each adds its parser and sets
+    # ``run`` (a plain function taking the parsed arguments).
     return parser
 
 
@@ -91,6 +94,5 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     level = logging.WARNING - 10 * args.verbose
     logging.basicConfig(level=max(level, logging.DEBUG), format="%(asctime)s %(name)s %(message)s")
-    if args.command == "echo":
-        trio.run(_run_echo, args)
+    args.run(args)
     sys.exit(0)
