@@ -7,6 +7,13 @@ the ``async with`` (or ``serve_*`` call) that started it.
 from __future__ import annotations
 
 from . import _mask
+from ._broadcast import Backplane as Backplane
+from ._broadcast import Broadcaster as Broadcaster
+from ._broadcast import BroadcastReport as BroadcastReport
+from ._broadcast import BroadcastStats as BroadcastStats
+from ._broadcast import Envelope as Envelope
+from ._broadcast import MemoryBackplane as MemoryBackplane
+from ._broadcast import OverflowPolicy as OverflowPolicy
 from ._client import connect_websocket as connect_websocket
 from ._client import connect_websocket_url as connect_websocket_url
 from ._client import open_websocket as open_websocket

@@ -47,6 +47,7 @@ from ._protocol import Frame, Message, Protocol, ProtocolState
 from ._util import LazyAddresses
 
 if TYPE_CHECKING:
+    from ._broadcast import Outbox
     from ._handler import WebSocketHandler
     from ._headers import Headers
 
@@ -202,6 +203,7 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
         "_max_queue",
         "_message_lot",
         "_nursery",
+        "_outbox",
         "_paused_during_ping",
         "_ping_interval",
         "_ping_timeout",
@@ -271,6 +273,9 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
         self._message_lot: ParkingLot = _NO_LOT
         # Made on first need: most sends never wait for the socket.
         self._send_lock: trio.StrictFIFOLock | None = None
+        # Broadcast frames waiting for the socket, made on first need (see
+        # _broadcast.py): whoever writes next writes these first.
+        self._outbox: Outbox | None = None
         self._pings: dict[bytes, trio.Event] = {}
         self._finished = trio.Event()
         self._transport_closed = False
@@ -617,6 +622,8 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
             proto.abort(why)
         await self._transport.close()
         self._finished.set()
+        if self._outbox is not None:
+            self._outbox.connection_closed(self)
         self._message_lot.unpark_all()
         for event in self._pings.values():
             event.set()  # ping() sees its payload still registered: closed
@@ -639,7 +646,8 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
         if self._transport_closed:
             raise self._closed_error()
         lock = self._send_lock
-        if lock is None or not lock.locked():
+        outbox = self._outbox
+        if (lock is None or not lock.locked()) and (outbox is None or not outbox.frames):
             data = make_frame(arg)
             try:
                 sent = self._transport.try_send(data)
@@ -648,11 +656,18 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
             if sent != _frame_size(data):
                 await self._finish_send(data, sent)
             return
+        if lock is None:
+            lock = self._send_lock = trio.StrictFIFOLock()
         await lock.acquire()  # cancelled while queued: nothing framed, nothing lost
         try:
             if self._transport_closed:
                 raise self._closed_error()
-            await self._transmit(make_frame(arg))
+            data = make_frame(arg)
+            outbox = self._outbox
+            if outbox is not None and outbox.frames:
+                # Queued broadcast frames were framed first: they go first.
+                data = outbox.take(data)
+            await self._transmit(data)
         finally:
             lock.release()
 
@@ -720,7 +735,8 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
         if proto.state is not _OPEN or self._transport_closed:
             raise self._closed_error()
         lock = self._send_lock
-        if lock is not None and lock.locked():
+        outbox = self._outbox
+        if (lock is not None and lock.locked()) or (outbox is not None and outbox.frames):
             await self._send_frame(self._frame_message, message)
         else:
             # The common case, inline: frame and write without blocking.

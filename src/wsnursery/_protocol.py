@@ -46,11 +46,11 @@ from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
 from ._exceptions import CloseCode, CloseReason
 from ._mask import mask
 
-__all__ = ["BoundedPerMessageDeflate", "Frame", "Protocol", "ProtocolState"]
+__all__ = ["BoundedPerMessageDeflate", "Frame", "Protocol", "ProtocolState", "encode_frame"]
 
 Message = str | bytes
 #: A frame to write: one buffer, or buffers to write in order.
-Frame = bytes | bytearray | list[bytes]
+Frame = bytes | bytearray | list[bytes | bytearray]
 # Frames up to this size are joined into one buffer: a copy is cheaper than writev.
 _JOIN_BELOW = 4096
 _pack_short = struct.Struct("!BBH").pack
@@ -62,6 +62,31 @@ _CONTINUATION = Opcode.CONTINUATION
 _PING = Opcode.PING
 _PONG = Opcode.PONG
 _CLOSE = Opcode.CLOSE
+
+
+def encode_frame(message: Message | bytearray | memoryview) -> Frame:
+    """Frame a whole message as a server sends it: unmasked, no extension.
+
+    Text (``str``) becomes a text frame, anything bytes-like a binary one. The
+    header (RFC 6455 section 5.2) is built here; a payload over 4 KiB comes back
+    as ``[header, payload]`` so that it is written without being copied.
+    """
+    if isinstance(message, str):
+        payload = message.encode("utf-8")
+        first = 0x81  # FIN + text
+    else:
+        payload = message if type(message) is bytes else bytes(message)
+        first = 0x82  # FIN + binary
+    n = len(payload)
+    if n < 126:
+        header = bytes((first, n))
+    elif n < 65536:
+        header = _pack_short(first, 126, n)
+    else:
+        header = _pack_long(first, 127, n)
+    if n <= _JOIN_BELOW:
+        return header + payload
+    return [header, payload]
 
 
 class MessageQueue:
@@ -336,6 +361,8 @@ class Protocol:
             raise RuntimeError(f"cannot send a message in state {self.state.name}")
         if self._proto.extensions:
             return bytes(self._proto.send_data(message, True))  # type: ignore[arg-type]
+        if not self.client:
+            return encode_frame(message)
         if isinstance(message, str):
             payload = message.encode("utf-8")
             first = 0x81  # FIN + text
@@ -343,21 +370,28 @@ class Protocol:
             payload = message if type(message) is bytes else bytes(message)
             first = 0x82  # FIN + binary
         n = len(payload)
-        mask_bit = 0x80 if self.client else 0
         if n < 126:
-            header = bytes((first, mask_bit | n))
+            header = bytes((first, 0x80 | n))
         elif n < 65536:
-            header = _pack_short(first, mask_bit | 126, n)
+            header = _pack_short(first, 0x80 | 126, n)
         else:
-            header = _pack_long(first, mask_bit | 127, n)
-        if self.client:
-            # RFC 6455 section 5.3: a fresh, unpredictable key for every frame.
-            key = os.urandom(4)
-            header += key
-            payload = mask(payload, key)
+            header = _pack_long(first, 0x80 | 127, n)
+        # RFC 6455 section 5.3: a fresh, unpredictable key for every frame.
+        key = os.urandom(4)
+        header += key
+        payload = mask(payload, key)
         if n <= _JOIN_BELOW:
             return header + payload
         return [header, payload]
+
+    @property
+    def shares_frames(self) -> bool:
+        """True when :func:`encode_frame`'s bytes are this side's frame for a message.
+
+        A server frame is unmasked, so without an extension the same bytes
+        serve every such connection (what a broadcast relies on).
+        """
+        return not self.client and not self._proto.extensions
 
     def send_ping(self, payload: bytes = b"") -> bytes:
         """Return a ping frame (payload at most 125 bytes)."""

@@ -26,6 +26,7 @@ from typing import Any, TypeAlias
 
 import trio
 
+from ._broadcast import Backplane, Broadcaster, OverflowPolicy
 from ._connection import WebSocketConnection, _make_transport, _timeout, _Transport
 from ._exceptions import CloseCode, CloseReason, ConnectionClosed
 from ._handler import (
@@ -312,6 +313,12 @@ class WebSocketServer:
         ping_timeout: float | None = 20.0,
         # Features
         compression: bool = True,
+        # Broadcasting
+        backplane: Backplane | None = None,
+        max_outbox_messages: int = 1024,
+        max_outbox_bytes: int = 2**20,
+        on_overflow: OverflowPolicy = "drop",
+        overflow_close_code: int = CloseCode.POLICY_VIOLATION,
     ) -> None:
         self.handler = handler
         self.listeners = list(listeners)
@@ -332,6 +339,15 @@ class WebSocketServer:
         self.ping_timeout = ping_timeout
         self.compression = compression
         self._connections: dict[str, WebSocketConnection] = {}
+        #: Sends to this server's connections: by ID, to all, to groups.
+        self.broadcaster = Broadcaster(
+            backplane=backplane,
+            max_outbox_messages=max_outbox_messages,
+            max_outbox_bytes=max_outbox_bytes,
+            on_overflow=on_overflow,
+            overflow_close_code=overflow_close_code,
+        )
+        self.broadcaster._bind(self._connections)
         # Connection nurseries still in the opening handshake: a stop cancels
         # them at once, and they answer 503.
         self._opening: set[trio.CancelScope | None] = set()
@@ -389,6 +405,8 @@ class WebSocketServer:
         try:
             with collapse_exception_groups():
                 async with graceful_scope() as body, trio.open_nursery() as nursery:
+                    if self.broadcaster.backplane is not None:
+                        await nursery.start(self.broadcaster.serve)
                     for listener in self.listeners:
                         nursery.start_soon(self._accept_loop, listener, nursery)
                     if self.ping_interval is not None:
@@ -733,6 +751,12 @@ async def serve_websocket(
     # Features
     compression: bool = True,
     backlog: int | None = None,
+    # Broadcasting
+    backplane: Backplane | None = None,
+    max_outbox_messages: int = 1024,
+    max_outbox_bytes: int = 2**20,
+    on_overflow: OverflowPolicy = "drop",
+    overflow_close_code: int = CloseCode.POLICY_VIOLATION,
     task_status: trio.TaskStatus[WebSocketServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve WebSocket connections on ``host:port`` until cancelled.
@@ -779,6 +803,15 @@ async def serve_websocket(
         ping_timeout: Seconds to wait for a pong before closing with 1011.
         compression: Accept permessage-deflate when the client offers it.
         backlog: The listen backlog (trio's default when None).
+        backplane: Carries :attr:`WebSocketServer.broadcaster`'s sends to other
+            servers (:class:`MemoryBackplane` in one process); None: this
+            server only.
+        max_outbox_messages: Broadcast frames queued for one slow client at
+            most (see :class:`Broadcaster`).
+        max_outbox_bytes: Bytes queued for one slow client at most.
+        on_overflow: What a broadcast does to a client whose outbox is full:
+            ``"drop"`` the message for it, or ``"close"`` it.
+        overflow_close_code: The close code of ``"close"`` (1008, or 1013).
 
     Cancellation:
         Stops gracefully: see :meth:`WebSocketServer.run`.
@@ -809,5 +842,10 @@ async def serve_websocket(
         ping_interval=ping_interval,
         ping_timeout=ping_timeout,
         compression=compression,
+        backplane=backplane,
+        max_outbox_messages=max_outbox_messages,
+        max_outbox_bytes=max_outbox_bytes,
+        on_overflow=on_overflow,
+        overflow_close_code=overflow_close_code,
     )
     await server.run(task_status=task_status)
