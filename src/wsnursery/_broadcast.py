@@ -129,7 +129,7 @@ class Envelope:
     """
 
     kind: Literal["all", "group", "one"]
-    message: Message
+    message: str | bytes
     target: str | None = None
     exclude: frozenset[str] = frozenset()
     origin: str = ""
@@ -321,6 +321,10 @@ class Broadcaster:
         overflow_close_code: The close code ``"close"`` uses: 1008 (policy
             violation) by default, or 1013 (try again later).
         overflow_close_reason: The close reason it sends.
+
+    Attributes:
+        node_id (str): Names this broadcaster among those sharing a backplane.
+        backplane (Backplane | None): The backplane it publishes to.
     """
 
     def __init__(
@@ -345,7 +349,6 @@ class Broadcaster:
         self.on_overflow: OverflowPolicy = on_overflow
         self.overflow_close_code = int(overflow_close_code)
         self.overflow_close_reason = overflow_close_reason
-        #: Names this broadcaster among those sharing a backplane.
         self.node_id = secrets.token_hex(6)
         self._connections: dict[str, WebSocketConnection] = {}
         self._groups: dict[str, dict[str, WebSocketConnection]] = {}

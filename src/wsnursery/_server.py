@@ -289,6 +289,8 @@ class WebSocketServer:
 
     Attributes:
         listeners: The trio listeners accepting connections.
+        broadcaster (Broadcaster): Sends to this server's connections: by ID,
+            to all, to groups (see :doc:`/topics/broadcast`).
     """
 
     def __init__(
@@ -339,7 +341,6 @@ class WebSocketServer:
         self.ping_timeout = ping_timeout
         self.compression = compression
         self._connections: dict[str, WebSocketConnection] = {}
-        #: Sends to this server's connections: by ID, to all, to groups.
         self.broadcaster = Broadcaster(
             backplane=backplane,
             max_outbox_messages=max_outbox_messages,
