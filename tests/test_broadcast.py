@@ -485,6 +485,8 @@ async def test_memory_backplane_links_two_servers() -> None:
         for client in (a, b):
             await client.send("join:room")
             assert await client.text() == "joined:room"
+        assert Broadcaster.node_of(a.id) == s1.broadcaster.node_id
+        assert Broadcaster.node_of(b.id) == s2.broadcaster.node_id
         report = await s1.broadcaster.send_group("room", "to the room")
         assert report.recipients == 1  # the local member; the other is on s2
         assert await a.text() == "to the room"

@@ -291,8 +291,9 @@ class MemoryBackplane(Backplane):
         for node_id, node in list(self._nodes.items()):
             if node_id == envelope.origin:
                 continue
-            if envelope.kind == "one" and envelope.target not in node._connections:
-                continue
+            if envelope.kind == "one" and envelope.target is not None:
+                if Broadcaster.node_of(envelope.target) not in (node_id, None):
+                    continue
             node.deliver(envelope)
         await cancel_shielded_checkpoint()
 
@@ -367,6 +368,16 @@ class Broadcaster:
             f"<Broadcaster {self.node_id} connections={len(self._connections)} "
             f"groups={len(self._groups)}>"
         )
+
+    @staticmethod
+    def node_of(connection_id: str) -> str | None:
+        """The :attr:`node_id` that holds a connection, read from its ID.
+
+        With a backplane, a server's connection IDs are ``"<node_id>-<n>"``;
+        without one they name no node (None).
+        """
+        node, sep, _ = connection_id.rpartition("-")
+        return node if sep else None
 
     # -- lifetime -------------------------------------------------------------
 

@@ -180,7 +180,9 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
         subprotocol: The negotiated subprotocol, or None.
         extensions: The negotiated extensions (wsproto objects).
         id (str): The connection's ID, unique in the process (its key in
-            :attr:`WebSocketServer.connections`).
+            :attr:`WebSocketServer.connections`). On a server with a
+            backplane it is ``"<node_id>-<n>"``, unique across the nodes and
+            naming the one that holds it (:meth:`Broadcaster.node_of`).
         user: What the authenticator returned, or None.
         server: The :class:`WebSocketServer` that accepted the connection
             (None on the client side).

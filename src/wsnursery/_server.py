@@ -200,6 +200,9 @@ class WebSocketRequest(LazyAddresses):
             conn._nursery = self._nursery  # the client's task reads: see _dispatch
         else:
             conn._start(self._nursery, keepalive_task=False)  # the server pings from one task
+        if server._id_prefix:
+            # Unique across every node sharing the backplane, and names the node.
+            conn.id = server._id_prefix + conn.id
         server._connections[conn.id] = conn
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("accepted %s from %s", self.path, self.remote)
@@ -349,6 +352,7 @@ class WebSocketServer:
             overflow_close_code=overflow_close_code,
         )
         self.broadcaster._bind(self._connections)
+        self._id_prefix = "" if backplane is None else self.broadcaster.node_id + "-"
         # Connection nurseries still in the opening handshake: a stop cancels
         # them at once, and they answer 503.
         self._opening: set[trio.CancelScope | None] = set()
