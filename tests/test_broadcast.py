@@ -514,3 +514,41 @@ async def test_bad_message_type() -> None:
     async with running() as server:
         with pytest.raises(TypeError):
             await server.broadcaster.send_all(123)  # type: ignore[arg-type]
+
+
+async def test_compressed_client_gets_its_own_frames_in_order_through_the_outbox() -> None:
+    """A permessage-deflate connection's frames are compressed in the order they are written."""
+    import zlib
+
+    async with running(max_outbox_messages=100_000, max_outbox_bytes=1 << 30) as server:
+        stream, reader, head = await raw_connect(
+            server.port, extra=[("Sec-WebSocket-Extensions", "permessage-deflate")]
+        )
+        assert "permessage-deflate" in (head.header("Sec-WebSocket-Extensions") or "")
+        client = RawClient(stream, reader)
+        first = await reader.read_frame()
+        assert first is not None
+        plain = await RawClient.connect(server.port)
+        (compressed,) = [c for c in server.connections.values() if c.extensions]
+        rng = random.Random(7)
+        total = 0
+        # Incompressible payloads fill the socket until frames queue in the outbox.
+        while compressed._outbox is None or compressed._outbox.count < 20:
+            await server.broadcaster.send_all(struct.pack("!I", total) + rng.randbytes(20_000))
+            total += 1
+            assert total < 5000, "the socket never filled"
+            if total % 8 == 0:
+                # Keep the plain client drained: only the compressed one stalls.
+                while (await plain.reader.read_frame()) is not None:
+                    if plain.reader.buffer == b"":
+                        break
+        inflater = zlib.decompressobj(-15)
+        with trio.fail_after(20):
+            for expected in range(total):
+                frame = await reader.read_frame()
+                assert frame is not None
+                assert frame.rsv == 4, "compressed (RSV1)"
+                data = inflater.decompress(frame.payload + b"\x00\x00\xff\xff")
+                assert struct.unpack("!I", data[:4])[0] == expected
+        await client.aclose()
+        await plain.aclose()
