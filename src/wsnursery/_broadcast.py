@@ -637,10 +637,12 @@ class Broadcaster:
                 return _CLOSED
             if sent == size:
                 return _DELIVERED
-            rest = (b"".join(frame) if isinstance(frame, list) else frame)[sent:]
             outbox = self._outbox_of(conn)
-            outbox.put(rest)
-            outbox.partial = True
+            if sent:
+                outbox.put((b"".join(frame) if isinstance(frame, list) else frame)[sent:])
+                outbox.partial = True
+            else:
+                outbox.put(frame)
             return self._wake(conn, outbox)
         outbox = self._outbox_of(conn)
         estimate = size or len(message)
