@@ -565,13 +565,13 @@ async def test_broadcast_over_tls_goes_through_the_writer_in_order() -> None:
     ca.issue_cert("127.0.0.1").configure_cert(server_context)
     client_context = ssl.create_default_context()
     ca.configure_trust(client_context)
-    async with running(ssl_context=server_context) as server:
-        async with trio_websocket.open_websocket(
-            HOST, server.port, "/", use_ssl=client_context
-        ) as tw:
-            await tw.get_message()  # its ID
-            for i in range(200):
-                report = await server.broadcaster.send_all(f"m{i}")
-                assert report.delivered == 1
-            for i in range(200):
-                assert await tw.get_message() == f"m{i}"
+    async with (
+        running(ssl_context=server_context) as server,
+        trio_websocket.open_websocket(HOST, server.port, "/", use_ssl=client_context) as tw,
+    ):
+        await tw.get_message()  # its ID
+        for i in range(200):
+            report = await server.broadcaster.send_all(f"m{i}")
+            assert report.delivered == 1
+        for i in range(200):
+            assert await tw.get_message() == f"m{i}"
