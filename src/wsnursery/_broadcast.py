@@ -291,9 +291,12 @@ class MemoryBackplane(Backplane):
         for node_id, node in list(self._nodes.items()):
             if node_id == envelope.origin:
                 continue
-            if envelope.kind == "one" and envelope.target is not None:
-                if Broadcaster.node_of(envelope.target) not in (node_id, None):
-                    continue
+            if (
+                envelope.kind == "one"
+                and envelope.target is not None
+                and Broadcaster.node_of(envelope.target) not in (node_id, None)
+            ):
+                continue
             node.deliver(envelope)
         await cancel_shielded_checkpoint()
 

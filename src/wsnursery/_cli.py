@@ -86,6 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     echo.set_defaults(run=lambda args: trio.run(_run_echo, args))
     # Other commands live in their own modules; each adds its parser and sets
     # ``run`` (a plain function taking the parsed arguments).
+    from ._chat import add_command as add_chat
+
+    add_chat(commands)
     return parser
 
 
