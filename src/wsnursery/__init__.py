@@ -40,10 +40,24 @@ from ._handler import TokenAuth as TokenAuth
 from ._handler import WebSocketHandler as WebSocketHandler
 from ._headers import Headers as Headers
 from ._protocol import ProtocolState as ProtocolState
+from ._reconnect import Backoff as Backoff
+from ._reconnect import ClientEvent as ClientEvent
+from ._reconnect import CloseEvent as CloseEvent
+from ._reconnect import ErrorEvent as ErrorEvent
+from ._reconnect import MessageEvent as MessageEvent
+from ._reconnect import OpenEvent as OpenEvent
+from ._reconnect import ReadyState as ReadyState
+from ._reconnect import ReconnectingWebSocket as ReconnectingWebSocket
+from ._reconnect import default_retry_on as default_retry_on
+from ._reconnect import open_reconnecting_websocket as open_reconnecting_websocket
 from ._server import ConnectionRegistry as ConnectionRegistry
 from ._server import WebSocketRequest as WebSocketRequest
 from ._server import WebSocketServer as WebSocketServer
 from ._server import serve_websocket as serve_websocket
+from ._tls import NONE as NONE
+from ._tls import SYSTEM as SYSTEM
+from ._tls import TrustStore as TrustStore
+from ._tls import client_ssl_context as client_ssl_context
 from ._tls import server_ssl_context as server_ssl_context
 
 __version__ = "0.1.0.dev0"

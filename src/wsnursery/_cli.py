@@ -89,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     from ._chat import add_command as add_chat
 
     add_chat(commands)
+    from ._connect_cli import add_command as add_connect
+
+    add_connect(commands)
     return parser
 
 

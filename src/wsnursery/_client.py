@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import ssl
-from collections.abc import AsyncIterator, Sequence
+import sys
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import trio
@@ -14,14 +18,92 @@ from ._exceptions import CloseCode, HandshakeTimeout, InvalidHandshake, Transpor
 from ._handshake import ClientHandshake
 from ._headers import HeaderPairs
 from ._protocol import BoundedPerMessageDeflate, Protocol
+from ._tls import SYSTEM, StrPath, TrustStore, client_ssl_context
 from ._util import collapse_exception_groups, graceful_scope, stream_addresses
 
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
+
 __all__ = ["connect_websocket", "connect_websocket_url", "open_websocket", "open_websocket_url"]
+
+logger = logging.getLogger("wsnursery.client")
+
+#: Who wants to see what client connections receive, as it arrives (the
+#: ``connect`` command prints it). Called as ``observer(kind, value)`` with
+#: ``("message", str | bytes)``, ``("ping", None)``, ``("pong", payload)`` or
+#: ``("close", CloseReason)``, from the reader task, synchronously. A context
+#: variable rather than a keyword, so that no public signature carries it;
+#: connections made in a context where it is None (the default) use the plain
+#: :class:`Protocol`.
+control_observer: ContextVar[Callable[[str, Any], None] | None] = ContextVar(
+    "wsnursery_control_observer", default=None
+)
+
+
+class _ObservedProtocol(Protocol):
+    """A :class:`Protocol` that tells an observer what it received, in order."""
+
+    def __init__(self, observer: Callable[[str, Any], None], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._observer = observer
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        messages, pings = len(self.messages), self.pings_received
+        pongs, close = len(self.pongs), self.close_received
+        super().receive_data(data)
+        try:
+            # Within one read, messages and control frames are told apart,
+            # not interleaved: each kind in its own order.
+            for index in range(messages, len(self.messages)):
+                self._observer("message", self.messages[index])
+            for _ in range(self.pings_received - pings):
+                self._observer("ping", None)
+            for payload in self.pongs[pongs:]:
+                self._observer("pong", payload)
+            if close is None and self.close_received is not None:
+                self._observer("close", self.close_received)
+        except Exception:
+            logger.exception("control frame observer failed")
+
+
+def resolve_ssl_context(
+    ssl_context: ssl.SSLContext | None,
+    cafile: StrPath | TrustStore,
+    certfile: StrPath | None,
+    keyfile: StrPath | None,
+) -> ssl.SSLContext | None:
+    """``ssl_context``, or one made from the TLS file options; None if neither was given.
+
+    Raises:
+        ValueError: both a context and file options were given.
+    """
+    if cafile is SYSTEM and certfile is None and keyfile is None:
+        return ssl_context
+    if ssl_context is not None:
+        raise ValueError("pass either ssl_context or cafile/certfile/keyfile, not both")
+    return client_ssl_context(cafile, certfile=certfile, keyfile=keyfile)
 
 
 def _host_header(host: str, port: int, tls: bool) -> str:
     name = f"[{host}]" if ":" in host and not host.startswith("[") else host
     return name if port == (443 if tls else 80) else f"{name}:{port}"
+
+
+def _describe(exc: BaseException) -> str:
+    """A transport error in a few words: trio's "all attempts failed" names the reasons."""
+    inner = exc.__cause__
+    if isinstance(inner, BaseExceptionGroup) and all(
+        isinstance(e, OSError) for e in inner.exceptions
+    ):
+        reasons = dict.fromkeys(
+            e.strerror or str(e)
+            for e in inner.exceptions
+            if isinstance(e, OSError)  # for mypy
+        )
+        return "; ".join(reasons)
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return repr(exc)
 
 
 def _parse_url(url: str) -> tuple[str, int, str, bool]:
@@ -46,6 +128,9 @@ async def connect_websocket(
     *,
     use_ssl: bool = False,
     ssl_context: ssl.SSLContext | None = None,
+    cafile: StrPath | TrustStore = SYSTEM,
+    certfile: StrPath | None = None,
+    keyfile: StrPath | None = None,
     unix_socket: str | None = None,
     subprotocols: Sequence[str] = (),
     extra_headers: HeaderPairs = (),
@@ -73,6 +158,12 @@ async def connect_websocket(
         use_ssl: Connect with TLS (``wss``), verifying with the default
             trust store unless ``ssl_context`` is given.
         ssl_context: The client-side TLS context; implies TLS.
+        cafile: Instead of ``ssl_context``: a PEM file of CAs to verify the
+            server against, :data:`SYSTEM` (the default trust store, the
+            default) or :data:`NONE` (no verification: for testing only, see
+            :func:`client_ssl_context`). Anything but ``SYSTEM`` implies TLS.
+        certfile: A client certificate (PEM) to present; implies TLS.
+        keyfile: Its private key (PEM), if not in ``certfile``.
         unix_socket: Connect to this Unix domain socket path instead of
             ``host:port`` (which still make the ``Host`` header).
         subprotocols: Subprotocols to propose, in order of preference.
@@ -88,12 +179,17 @@ async def connect_websocket(
     Raises:
         TransportError: TCP or TLS failed (cause kept).
         ConnectionRejected: the server answered with an HTTP error.
-        InvalidHandshake: the server's answer broke RFC 6455.
+        InvalidHandshake: the server's answer broke RFC 6455, or the server
+            closed the connection without answering (then its ``__cause__``
+            is an :exc:`EOFError`).
         HandshakeTimeout: ``open_timeout`` ran out.
+        ValueError: ``ssl_context`` together with ``cafile``, ``certfile`` or
+            ``keyfile``.
 
     Cancellation:
         Nothing is left open: a half-made connection is closed.
     """
+    ssl_context = resolve_ssl_context(ssl_context, cafile, certfile, keyfile)
     tls = use_ssl or ssl_context is not None
     extensions = (
         [BoundedPerMessageDeflate(max_message_size=max_message_size)] if compression else []
@@ -129,6 +225,10 @@ async def connect_websocket(
                             f"{host}:{port} closed the TLS connection before answering "
                             "the upgrade (did it refuse our client certificate?)"
                         ) from exc
+                    if handshake.closed_before_answer and exc.__cause__ is None:
+                        # Mark it the way reconnecting clients recognise (a
+                        # server restarting, a proxy dropping us): EOF.
+                        exc.__cause__ = EOFError("the server closed the connection")
                     raise
             except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 # trio reports a failed TLS handshake as BrokenResourceError
@@ -140,7 +240,9 @@ async def connect_websocket(
                     raise TransportError(
                         f"TLS handshake with {host}:{port} failed: {cause}"
                     ) from cause
-                raise TransportError(f"cannot connect to {host}:{port}: {cause!r}") from cause
+                raise TransportError(
+                    f"cannot connect to {host}:{port}: {_describe(cause)}"
+                ) from cause
     except trio.TooSlowError as exc:
         if stream is not None:
             await trio.aclose_forcefully(stream)
@@ -183,13 +285,24 @@ def client_connection(
 ) -> WebSocketConnection:
     """The client's connection once ``handshake`` succeeded on ``stream``."""
     local, remote = stream_addresses(stream)
-    return WebSocketConnection(
-        stream,
+    observer = control_observer.get()
+    protocol = (
         Protocol(
             client=True,
             extensions=handshake.accepted_extensions,
             max_message_size=max_message_size,
-        ),
+        )
+        if observer is None
+        else _ObservedProtocol(
+            observer,
+            client=True,
+            extensions=handshake.accepted_extensions,
+            max_message_size=max_message_size,
+        )
+    )
+    return WebSocketConnection(
+        stream,
+        protocol,
         path=handshake.target.split("?", 1)[0],
         query=dict(parse_qsl(urlsplit(handshake.target).query, keep_blank_values=True)),
         request_headers=handshake.request_headers(),
