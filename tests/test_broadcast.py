@@ -575,3 +575,18 @@ async def test_broadcast_over_tls_goes_through_the_writer_in_order() -> None:
             assert report.delivered == 1
         for i in range(200):
             assert await tw.get_message() == f"m{i}"
+
+
+async def test_standalone_broadcaster_whose_backplane_fails_raises_one_plain_error() -> None:
+    class Failing(MemoryBackplane):
+        async def serve(
+            self,
+            broadcaster: Broadcaster,
+            *,
+            task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+        ) -> None:
+            raise OSError("backplane unreachable")
+
+    with pytest.raises(OSError, match="unreachable"):
+        async with Broadcaster(backplane=Failing()):
+            pytest.fail("the block must not run")

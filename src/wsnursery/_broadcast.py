@@ -48,6 +48,7 @@ from ._connection import (
 )
 from ._exceptions import CloseCode, ConnectionClosed
 from ._protocol import Frame, Message, ProtocolState, encode_frame
+from ._util import collapse_exception_groups
 
 __all__ = [
     "Backplane",
@@ -399,12 +400,13 @@ class Broadcaster:
 
     @asynccontextmanager
     async def _running(self) -> AsyncIterator[Broadcaster]:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(self.serve)
-            try:
-                yield self
-            finally:
-                nursery.cancel_scope.cancel()
+        with collapse_exception_groups():
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.serve)
+                try:
+                    yield self
+                finally:
+                    nursery.cancel_scope.cancel()
 
     async def __aenter__(self) -> Broadcaster:
         """Start the backplane connection (if any) for a broadcaster used on its own.
