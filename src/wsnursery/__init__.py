@@ -19,6 +19,7 @@ from ._client import connect_websocket_url as connect_websocket_url
 from ._client import open_websocket as open_websocket
 from ._client import open_websocket_url as open_websocket_url
 from ._connection import WebSocketConnection as WebSocketConnection
+from ._exceptions import BackplaneError as BackplaneError
 from ._exceptions import CloseCode as CloseCode
 from ._exceptions import CloseReason as CloseReason
 from ._exceptions import ConnectionClosed as ConnectionClosed
@@ -50,6 +51,9 @@ from ._reconnect import ReadyState as ReadyState
 from ._reconnect import ReconnectingWebSocket as ReconnectingWebSocket
 from ._reconnect import default_retry_on as default_retry_on
 from ._reconnect import open_reconnecting_websocket as open_reconnecting_websocket
+from ._redis import BackplaneEvent as BackplaneEvent
+from ._redis import RedisBackplane as RedisBackplane
+from ._redis import RedisBackplaneStats as RedisBackplaneStats
 from ._server import ConnectionRegistry as ConnectionRegistry
 from ._server import WebSocketRequest as WebSocketRequest
 from ._server import WebSocketServer as WebSocketServer

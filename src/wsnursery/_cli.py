@@ -92,6 +92,9 @@ def _parser() -> argparse.ArgumentParser:
     from ._connect_cli import add_command as add_connect
 
     add_connect(commands)
+    from ._serve_cli import add_command as add_serve
+
+    add_serve(commands)
     return parser
 
 

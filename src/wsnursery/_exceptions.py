@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from ._headers import HeaderPairs, Headers
 
 __all__ = [
+    "BackplaneError",
     "CloseCode",
     "CloseReason",
     "ConnectionClosed",
@@ -168,3 +169,12 @@ class ConnectionClosedOK(ConnectionClosed):
 
 class ConnectionClosedError(ConnectionClosed):
     """The connection ended abnormally: a protocol error, a timeout, a dropped transport."""
+
+
+class BackplaneError(WebSocketError):
+    """A broadcast backplane could not start: Redis unreachable within ``connect_timeout``.
+
+    Raised by :func:`serve_websocket` (and :meth:`WebSocketServer.run`) before
+    the server accepts anyone. Once started, a lost backplane is not an error:
+    see :class:`RedisBackplane`. The original error is kept as ``__cause__``.
+    """

@@ -43,6 +43,7 @@ from ._handler import (
 from ._handshake import HTTPError, RequestHead, ServerHandshake
 from ._headers import HeaderPairs, Headers
 from ._protocol import BoundedPerMessageDeflate, Protocol
+from ._redis import as_backplane
 from ._util import LazyAddresses, collapse_exception_groups, graceful_scope
 
 __all__ = ["ConnectionRegistry", "WebSocketRequest", "WebSocketServer", "serve_websocket"]
@@ -319,7 +320,7 @@ class WebSocketServer:
         # Features
         compression: bool = True,
         # Broadcasting
-        backplane: Backplane | None = None,
+        backplane: Backplane | str | None = None,
         max_outbox_messages: int = 1024,
         max_outbox_bytes: int = 2**20,
         on_overflow: OverflowPolicy = "drop",
@@ -344,6 +345,7 @@ class WebSocketServer:
         self.ping_timeout = ping_timeout
         self.compression = compression
         self._connections: dict[str, WebSocketConnection] = {}
+        backplane = as_backplane(backplane)  # a Redis URL becomes a RedisBackplane
         self.broadcaster = Broadcaster(
             backplane=backplane,
             max_outbox_messages=max_outbox_messages,
@@ -757,7 +759,7 @@ async def serve_websocket(
     compression: bool = True,
     backlog: int | None = None,
     # Broadcasting
-    backplane: Backplane | None = None,
+    backplane: Backplane | str | None = None,
     max_outbox_messages: int = 1024,
     max_outbox_bytes: int = 2**20,
     on_overflow: OverflowPolicy = "drop",
@@ -809,8 +811,11 @@ async def serve_websocket(
         compression: Accept permessage-deflate when the client offers it.
         backlog: The listen backlog (trio's default when None).
         backplane: Carries :attr:`WebSocketServer.broadcaster`'s sends to other
-            servers (:class:`MemoryBackplane` in one process); None: this
-            server only.
+            servers (:class:`MemoryBackplane` in one process); a
+            :class:`RedisBackplane` or a Redis URL (``"redis://host:6379/0"``)
+            across processes and machines (see :doc:`/topics/scaling`); None:
+            this server only. A backplane that cannot start raises
+            :exc:`BackplaneError`.
         max_outbox_messages: Broadcast frames queued for one slow client at
             most (see :class:`Broadcaster`).
         max_outbox_bytes: Bytes queued for one slow client at most.
