@@ -225,6 +225,10 @@ class Protocol:
         self.max_message_size = max_message_size
         self.extensions = list(extensions)
         self._proto = FrameProtocol(client, self.extensions)
+        #: True when :func:`encode_frame`'s bytes are this side's frame for a
+        #: message: a server frame is unmasked, so without an extension the
+        #: same bytes serve every such connection (what a broadcast relies on).
+        self.shares_frames = not client and not self.extensions
         self.state = ProtocolState.OPEN
         #: Whole messages received and not yet taken, oldest first.
         self.messages = MessageQueue()
@@ -383,15 +387,6 @@ class Protocol:
         if n <= _JOIN_BELOW:
             return header + payload
         return [header, payload]
-
-    @property
-    def shares_frames(self) -> bool:
-        """True when :func:`encode_frame`'s bytes are this side's frame for a message.
-
-        A server frame is unmasked, so without an extension the same bytes
-        serve every such connection (what a broadcast relies on).
-        """
-        return not self.client and not self._proto.extensions
 
     def send_ping(self, payload: bytes = b"") -> bytes:
         """Return a ping frame (payload at most 125 bytes)."""
