@@ -395,7 +395,10 @@ def main() -> None:
     cpu_single = sum(single["node_cpu_s"].values())
     cpu_cross = sum(cross["node_cpu_s"].values())
     print(f"| node CPU, s (all nodes) | {cpu_single:.3f} | {cpu_cross:.3f} | |")
-    print(f"| per node | {single['node_cpu_s']} | {cross['node_cpu_s']} | |")
+    def per_node(cpu: dict[str, float]) -> str:
+        return ", ".join(f"{name} {seconds:.2f} s" for name, seconds in cpu.items())
+
+    print(f"| per node | {per_node(single['node_cpu_s'])} | {per_node(cross['node_cpu_s'])} | |")
     print(f"| redis-server CPU, s | | {redis_cpu:.3f} | |")
     us_single = cpu_single / single["delivered"] * 1e6
     us_cross = cpu_cross / cross["delivered"] * 1e6
