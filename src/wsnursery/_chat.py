@@ -59,7 +59,6 @@ import argparse
 import functools
 import json
 import re
-import signal
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -473,28 +472,20 @@ class ChatHandler(WebSocketHandler):
 
 
 async def _run_chat(args: argparse.Namespace) -> None:
+    from ._cli import serve_until_signal
+
     handler = ChatHandler(history=args.history)
-    async with trio.open_nursery() as nursery:
-        server = await nursery.start(
-            functools.partial(
-                serve_websocket,
-                {"/": handler},
-                args.host,
-                args.port,
-                max_message_size=64 * 1024,
-                compression=not args.no_compression,
-            )
-        )
-        print(
-            f"wsnursery chat on http://{args.host}:{server.port}/ (Ctrl-C to stop)",
-            flush=True,
-        )
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for signum in signals:
-                print(f"got {signal.Signals(signum).name}; closing connections", flush=True)
-                break
-        await server.aclose()
-        nursery.cancel_scope.cancel()
+    await serve_until_signal(
+        functools.partial(
+            serve_websocket,
+            {"/": handler},
+            args.host,
+            args.port,
+            max_message_size=64 * 1024,
+            compression=not args.no_compression,
+        ),
+        lambda server: f"wsnursery chat on http://{args.host}:{server.port}/ (Ctrl-C to stop)",
+    )
 
 
 def _count(text: str) -> int:

@@ -7,13 +7,13 @@ import functools
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
 from ._connection import WebSocketConnection
 from ._handler import WebSocketHandler
-from ._server import WebSocketRequest, serve_websocket
+from ._server import WebSocketRequest, WebSocketServer, serve_websocket
 
 __all__ = ["main"]
 
@@ -37,28 +37,36 @@ class EchoHandler(WebSocketHandler):
         await conn.send_message(data)
 
 
-async def _run_echo(args: argparse.Namespace) -> None:
+async def serve_until_signal(
+    serve: Callable[..., Awaitable[None]], banner: Callable[[WebSocketServer], str]
+) -> None:
+    """Start ``serve`` (a :func:`serve_websocket` partial), print ``banner(server)``.
+
+    Then wait for SIGINT or SIGTERM and stop gracefully (1001 to every client).
+    """
     async with trio.open_nursery() as nursery:
-        server = await nursery.start(
-            functools.partial(
-                serve_websocket,
-                EchoHandler() if args.api == "handler" else echo_handler,
-                args.host,
-                args.port,
-                max_message_size=args.max_message_size,
-                compression=not args.no_compression,
-            )
-        )
-        print(
-            f"wsnursery echo server on ws://{args.host}:{server.port}/ (Ctrl-C to stop)",
-            flush=True,
-        )
+        server: WebSocketServer = await nursery.start(serve)
+        print(banner(server), flush=True)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
                 print(f"got {signal.Signals(signum).name}; closing connections", flush=True)
                 break
         await server.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def _run_echo(args: argparse.Namespace) -> None:
+    await serve_until_signal(
+        functools.partial(
+            serve_websocket,
+            EchoHandler() if args.api == "handler" else echo_handler,
+            args.host,
+            args.port,
+            max_message_size=args.max_message_size,
+            compression=not args.no_compression,
+        ),
+        lambda server: f"wsnursery echo server on ws://{args.host}:{server.port}/ (Ctrl-C to stop)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -78,15 +78,19 @@ def encode_frame(message: Message | bytearray | memoryview) -> Frame:
         payload = message if type(message) is bytes else bytes(message)
         first = 0x82  # FIN + binary
     n = len(payload)
-    if n < 126:
-        header = bytes((first, n))
-    elif n < 65536:
-        header = _pack_short(first, 126, n)
-    else:
-        header = _pack_long(first, 127, n)
+    header = _header(first, 0, n)
     if n <= _JOIN_BELOW:
         return header + payload
     return [header, payload]
+
+
+def _header(first: int, mask_bit: int, n: int) -> bytes:
+    """The first bytes of a frame header (RFC 6455 section 5.2), without the mask key."""
+    if n < 126:
+        return bytes((first, mask_bit | n))
+    if n < 65536:
+        return _pack_short(first, mask_bit | 126, n)
+    return _pack_long(first, mask_bit | 127, n)
 
 
 class MessageQueue:
@@ -374,15 +378,9 @@ class Protocol:
             payload = message if type(message) is bytes else bytes(message)
             first = 0x82  # FIN + binary
         n = len(payload)
-        if n < 126:
-            header = bytes((first, 0x80 | n))
-        elif n < 65536:
-            header = _pack_short(first, 0x80 | 126, n)
-        else:
-            header = _pack_long(first, 0x80 | 127, n)
         # RFC 6455 section 5.3: a fresh, unpredictable key for every frame.
         key = os.urandom(4)
-        header += key
+        header = _header(first, 0x80, n) + key
         payload = mask(payload, key)
         if n <= _JOIN_BELOW:
             return header + payload
