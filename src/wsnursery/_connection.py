@@ -90,7 +90,7 @@ class _Transport:
     async def receive(self) -> bytes | bytearray | memoryview:
         return await self.stream.receive_some(_READ_SIZE)
 
-    async def send(self, data: Frame) -> None:
+    async def send(self, data: Frame | memoryview) -> None:
         await self.stream.send_all(b"".join(data) if isinstance(data, list) else data)
 
     def try_send(self, data: Frame) -> int:
@@ -141,7 +141,7 @@ class _SocketTransport(_Transport):
         except BlockingIOError:
             return 0
 
-    async def send(self, data: Frame) -> None:
+    async def send(self, data: Frame | memoryview) -> None:
         view = memoryview(b"".join(data) if isinstance(data, list) else data)
         while view:
             if self.fd < 0:
@@ -396,7 +396,7 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
                 ):
                     await self._deliver()
                     continue
-                if proto._out or proto.pongs or proto.transport_should_close:
+                if proto.pongs or proto.transport_should_close:
                     await self._after_receive()
                     continue
                 if proto.state is ProtocolState.CLOSED:
@@ -675,7 +675,8 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
 
     async def _finish_send(self, data: Frame, sent: int) -> None:
         """Write the rest of a frame the socket took only part of, holding the lock."""
-        rest = (b"".join(data) if isinstance(data, list) else data)[sent:]
+        whole = b"".join(data) if isinstance(data, list) else data
+        rest = memoryview(whole)[sent:] if sent else whole
         lock = self._send_lock
         if lock is None:
             lock = self._send_lock = trio.StrictFIFOLock()
@@ -685,7 +686,7 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
         finally:
             lock.release()
 
-    async def _transmit(self, data: Frame) -> None:
+    async def _transmit(self, data: Frame | memoryview) -> None:
         try:
             await self._transport.send(data)
         except trio.Cancelled:
@@ -931,9 +932,14 @@ async def _shielded(awaitable: Any) -> None:
         await awaitable
 
 
+# RFC 6455 section 7.4.1 and the IANA registry: 1005, 1006 and 1015 never go
+# in a close frame.
+_SENDABLE_CODES = frozenset(
+    {1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014}
+)
+
+
 def _check_close_code(code: int) -> None:
-    if code in (1000, 1001) or 3000 <= code <= 4999 or code in (1008, 1011, 1012, 1013, 1014):
-        return
-    if code in (1002, 1003, 1007, 1009, 1010):
+    if code in _SENDABLE_CODES or 3000 <= code <= 4999:
         return
     raise ValueError(f"{code} is not a close code an endpoint may send")

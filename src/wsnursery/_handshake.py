@@ -25,7 +25,7 @@ from wsproto.handshake import client_extensions_handshake, server_extensions_han
 from wsproto.utilities import RemoteProtocolError, generate_accept_token
 
 from ._exceptions import ConnectionRejected, InvalidHandshake
-from ._headers import HeaderPairs, Headers
+from ._headers import HeaderPairs, Headers, raw_pairs
 
 __all__ = [
     "ClientHandshake",
@@ -42,6 +42,11 @@ def _tokens(headers: Headers, name: str) -> list[str]:
     for value in headers.get_all(name):
         out.extend(token.strip() for token in value.split(",") if token.strip())
     return out
+
+
+def _has_token(headers: Headers, name: str, token: str) -> bool:
+    """True when one of the ``name`` headers lists ``token`` (case-insensitive)."""
+    return any(t.lower() == token for t in _tokens(headers, name))
 
 
 class HTTPError(Exception):
@@ -80,7 +85,7 @@ class RequestHead:
     @property
     def is_upgrade(self) -> bool:
         """True when the request asks for a WebSocket (``Upgrade: websocket``)."""
-        return any(token.lower() == "websocket" for token in _tokens(self.headers, "upgrade"))
+        return _has_token(self.headers, "upgrade", "websocket")
 
     @property
     def subprotocols(self) -> list[str]:
@@ -113,6 +118,11 @@ class ServerHandshake:
         self.max_header_line = max_header_line
         self.max_headers = max_headers
         self._buffer = bytearray()
+        # Complete lines already checked, and where the next line starts in
+        # _buffer: a head arriving in many small pieces is checked once, not
+        # once per piece.
+        self._lines = 0
+        self._line_start = 0
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_head_size + 4)
         self.head: RequestHead | None = None
         #: Bytes received after the request head (frames sent early, a body).
@@ -137,7 +147,7 @@ class ServerHandshake:
         self._buffer += data
         end = self._buffer.find(b"\r\n\r\n", start)
         if end < 0:
-            self._check_partial()
+            self._check_partial(start)
             return None
         head, self.trailing_data = bytes(self._buffer[: end + 4]), bytes(self._buffer[end + 4 :])
         self._buffer = bytearray()
@@ -157,25 +167,37 @@ class ServerHandshake:
         )
         return self.head
 
-    def _check_partial(self) -> None:
-        lines = bytes(self._buffer).split(b"\r\n")
-        # Every line but the last is complete; the last may still grow, and may
-        # end with the CR of a CRLF whose LF has not arrived yet.
-        if lines[-1].endswith(b"\r"):
-            lines[-1] = lines[-1][:-1]
-        self._check_lines(lines[:-1])
-        limit = self.max_request_line if len(lines) == 1 else self.max_header_line
-        if len(lines[-1]) > limit:
-            self._check_lines(lines)
-        if len(self._buffer) > self.max_head_size:
+    def _check_partial(self, start: int) -> None:
+        """Check the lines completed since the last call, and the one still growing.
+
+        ``start`` is where :meth:`receive_data` began looking for the end of
+        the head: a line that ended before it was checked by an earlier call.
+        """
+        buffer = self._buffer
+        end = buffer.rfind(b"\r\n", max(start, self._line_start))
+        if end >= 0:
+            lines = bytes(buffer[self._line_start : end]).split(b"\r\n")
+            self._check_lines(lines, self._lines)
+            self._lines += len(lines)
+            self._line_start = end + 2
+        # The last line may still grow, and may end with the CR of a CRLF
+        # whose LF has not arrived yet.
+        last = len(buffer) - self._line_start
+        if buffer.endswith(b"\r"):
+            last -= 1
+        limit = self.max_request_line if self._lines == 0 else self.max_header_line
+        if last > limit:
+            self._check_lines([bytes(buffer[self._line_start :])], self._lines)
+        if len(buffer) > self.max_head_size:
             raise HTTPError(431, "request head too large")
 
-    def _check_lines(self, lines: list[bytes]) -> None:
-        if lines and len(lines[0]) > self.max_request_line:
+    def _check_lines(self, lines: list[bytes], first: int = 0) -> None:
+        """Check ``lines``, numbered from ``first`` in the head (0: the request line)."""
+        if first == 0 and lines and len(lines[0]) > self.max_request_line:
             raise HTTPError(414, f"request line longer than {self.max_request_line} bytes")
-        if len(lines) - 1 > self.max_headers:
+        if first + len(lines) - 1 > self.max_headers:
             raise HTTPError(431, f"more than {self.max_headers} header lines")
-        for line in lines[1:]:
+        for line in lines[1:] if first == 0 else lines:
             if len(line) > self.max_header_line:
                 raise HTTPError(431, f"header line longer than {self.max_header_line} bytes")
 
@@ -199,7 +221,7 @@ class ServerHandshake:
                 "this resource speaks WebSocket only",
                 [("Upgrade", "websocket"), ("Connection", "Upgrade")],
             )
-        if not any(t.lower() == "upgrade" for t in _tokens(headers, "connection")):
+        if not _has_token(headers, "connection", "upgrade"):
             raise HTTPError(400, "missing 'Connection: Upgrade'")
         version = headers.get("sec-websocket-version")
         if version != "13":
@@ -241,12 +263,13 @@ class ServerHandshake:
                 raise ValueError(f"the client did not propose subprotocol {subprotocol!r}")
             headers.append((b"Sec-WebSocket-Protocol", subprotocol.encode("ascii")))
         enabled: list[Extension] = []
-        if extensions and head.extension_offers:
-            accepts = server_extensions_handshake(head.extension_offers, list(extensions))
+        offers = head.extension_offers if extensions else []
+        if offers:
+            accepts = server_extensions_handshake(offers, list(extensions))
             if accepts:
                 headers.append((b"Sec-WebSocket-Extensions", accepts))
                 enabled = [ext for ext in extensions if ext.enabled()]
-        extra = _encode_pairs(extra_headers)
+        extra = raw_pairs(extra_headers)
         if extra:
             # The handler's headers: h11 validates them (no response splitting).
             headers.extend(extra)
@@ -281,7 +304,7 @@ class ServerHandshake:
         if not 200 <= status <= 599:
             raise ValueError(f"cannot reject with HTTP status {status}")
         payload = body.encode("utf-8") if isinstance(body, str) else bytes(body)
-        pairs = _encode_pairs(headers)
+        pairs = raw_pairs(headers)
         names = {name.lower() for name, _ in pairs}
         if payload and b"content-type" not in names:
             pairs.append((b"Content-Type", content_type.encode("latin-1")))
@@ -298,17 +321,6 @@ class ServerHandshake:
             out += conn.send(h11.Data(data=payload)) or b""
         out += conn.send(h11.EndOfMessage()) or b""
         return out
-
-
-def _encode_pairs(pairs: HeaderPairs) -> list[tuple[bytes, bytes]]:
-    out = []
-    for name, value in pairs:
-        if isinstance(name, str):
-            name = name.encode("latin-1")
-        if isinstance(value, str):
-            value = value.encode("latin-1")
-        out.append((name, value))
-    return out
 
 
 class ClientHandshake:
@@ -337,7 +349,7 @@ class ClientHandshake:
         self.target = target
         self.subprotocols = list(subprotocols)
         self.extensions = list(extensions)
-        self.extra_headers = _encode_pairs(extra_headers)
+        self.extra_headers = raw_pairs(extra_headers)
         self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_response_size)
         self._key = base64.b64encode(os.urandom(16))
         self._max_response_size = max_response_size
@@ -433,9 +445,9 @@ class ClientHandshake:
 
     def _accepted(self, event: h11.InformationalResponse) -> None:
         headers = Headers(event.headers.raw_items())
-        if not any(t.lower() == "websocket" for t in _tokens(headers, "upgrade")):
+        if not _has_token(headers, "upgrade", "websocket"):
             raise InvalidHandshake("101 response without 'Upgrade: websocket'")
-        if not any(t.lower() == "upgrade" for t in _tokens(headers, "connection")):
+        if not _has_token(headers, "connection", "upgrade"):
             raise InvalidHandshake("101 response without 'Connection: Upgrade'")
         expected = generate_accept_token(self._key).decode("ascii")
         if headers.get("sec-websocket-accept") != expected:

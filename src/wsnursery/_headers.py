@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 
-__all__ = ["HeaderPairs", "Headers"]
+__all__ = ["HeaderPairs", "Headers", "raw_pairs"]
 
 HeaderPairs = Iterable[tuple[str | bytes, str | bytes]]
 
 
 def _raw(value: str | bytes) -> bytes:
     return value.encode("latin-1") if isinstance(value, str) else bytes(value)
+
+
+def raw_pairs(pairs: HeaderPairs) -> list[tuple[bytes, bytes]]:
+    """``(name, value)`` pairs as bytes, ``str`` encoded as Latin-1."""
+    return [(_raw(name), _raw(value)) for name, value in pairs]
 
 
 class Headers(Mapping[str, str]):
@@ -27,7 +32,7 @@ class Headers(Mapping[str, str]):
     __slots__ = ("_items",)
 
     def __init__(self, items: HeaderPairs = ()) -> None:
-        self._items: list[tuple[bytes, bytes]] = [(_raw(k), _raw(v)) for k, v in items]
+        self._items = raw_pairs(items)
 
     def __getitem__(self, name: str) -> str:
         wanted = name.lower().encode("latin-1")

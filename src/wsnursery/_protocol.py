@@ -58,18 +58,19 @@ _pack_long = struct.Struct("!BBQ").pack
 
 _TEXT = Opcode.TEXT
 _BINARY = Opcode.BINARY
-_CONTINUATION = Opcode.CONTINUATION
 _PING = Opcode.PING
 _PONG = Opcode.PONG
 _CLOSE = Opcode.CLOSE
 
 
-def encode_frame(message: Message | bytearray | memoryview) -> Frame:
-    """Frame a whole message as a server sends it: unmasked, no extension.
+def encode_frame(message: Message | bytearray | memoryview, key: bytes | None = None) -> Frame:
+    """Frame a whole message with no extension: unmasked, or masked with ``key``.
 
-    Text (``str``) becomes a text frame, anything bytes-like a binary one. The
-    header (RFC 6455 section 5.2) is built here; a payload over 4 KiB comes back
-    as ``[header, payload]`` so that it is written without being copied.
+    A server sends unmasked frames; a client masks each with a fresh 4-byte
+    ``key``. Text (``str``) becomes a text frame, anything bytes-like a binary
+    one. The header (RFC 6455 section 5.2) is built here; a payload over 4 KiB
+    comes back as ``[header, payload]`` so that it is written without being
+    copied (again, when masked).
     """
     if isinstance(message, str):
         payload = message.encode("utf-8")
@@ -78,19 +79,19 @@ def encode_frame(message: Message | bytearray | memoryview) -> Frame:
         payload = message if type(message) is bytes else bytes(message)
         first = 0x82  # FIN + binary
     n = len(payload)
-    header = _header(first, 0, n)
+    mask_bit = 0 if key is None else 0x80
+    if n < 126:
+        header = bytes((first, mask_bit | n))
+    elif n < 65536:
+        header = _pack_short(first, mask_bit | 126, n)
+    else:
+        header = _pack_long(first, mask_bit | 127, n)
+    if key is not None:
+        header += key
+        payload = mask(payload, key)
     if n <= _JOIN_BELOW:
         return header + payload
     return [header, payload]
-
-
-def _header(first: int, mask_bit: int, n: int) -> bytes:
-    """The first bytes of a frame header (RFC 6455 section 5.2), without the mask key."""
-    if n < 126:
-        return bytes((first, mask_bit | n))
-    if n < 65536:
-        return _pack_short(first, mask_bit | 126, n)
-    return _pack_long(first, mask_bit | 127, n)
 
 
 class MessageQueue:
@@ -371,20 +372,8 @@ class Protocol:
             return bytes(self._proto.send_data(message, True))  # type: ignore[arg-type]
         if not self.client:
             return encode_frame(message)
-        if isinstance(message, str):
-            payload = message.encode("utf-8")
-            first = 0x81  # FIN + text
-        else:
-            payload = message if type(message) is bytes else bytes(message)
-            first = 0x82  # FIN + binary
-        n = len(payload)
         # RFC 6455 section 5.3: a fresh, unpredictable key for every frame.
-        key = os.urandom(4)
-        header = _header(first, 0x80, n) + key
-        payload = mask(payload, key)
-        if n <= _JOIN_BELOW:
-            return header + payload
-        return [header, payload]
+        return encode_frame(message, os.urandom(4))
 
     def send_ping(self, payload: bytes = b"") -> bytes:
         """Return a ping frame (payload at most 125 bytes)."""

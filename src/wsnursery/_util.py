@@ -34,7 +34,7 @@ def collapse_exception_groups() -> Iterator[None]:
         if exc is group:
             raise
         # Keep the inner traceback; hide the group as the context.
-        raise exc from exc.__cause__ if exc.__cause__ is not None else None
+        raise exc from exc.__cause__
 
 
 class LazyAddresses:

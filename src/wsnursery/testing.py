@@ -32,25 +32,6 @@ from ._util import collapse_exception_groups
 __all__ = ["open_handler_client", "open_websocket_pair"]
 
 
-def _client_handshake(
-    resource: str,
-    subprotocols: Sequence[str],
-    extra_headers: HeaderPairs,
-    compression: bool,
-    max_message_size: int | None,
-) -> ClientHandshake:
-    extensions = (
-        [BoundedPerMessageDeflate(max_message_size=max_message_size)] if compression else []
-    )
-    return ClientHandshake(
-        "testserver",
-        resource,
-        subprotocols=subprotocols,
-        extensions=extensions,
-        extra_headers=extra_headers,
-    )
-
-
 @asynccontextmanager
 async def open_handler_client(
     handler: Handler,
@@ -83,8 +64,15 @@ async def open_handler_client(
     # Keep-alive off on both sides unless asked for (autojump_clock friendly).
     server = WebSocketServer(handler, [], **{"ping_interval": None, **(server_options or {})})
     client_stream, server_stream = trio.testing.memory_stream_pair()
-    handshake = _client_handshake(
-        resource, subprotocols, extra_headers, compression, max_message_size
+    extensions = (
+        [BoundedPerMessageDeflate(max_message_size=max_message_size)] if compression else []
+    )
+    handshake = ClientHandshake(
+        "testserver",
+        resource,
+        subprotocols=subprotocols,
+        extensions=extensions,
+        extra_headers=extra_headers,
     )
     with collapse_exception_groups():
         async with trio.open_nursery() as nursery:
@@ -146,21 +134,21 @@ async def open_websocket_pair(
         "ping_timeout": ping_timeout,
         "close_timeout": close_timeout,
     }
-    with collapse_exception_groups():
-        async with open_handler_client(
-            handler,
-            resource,
-            subprotocols=subprotocols,
-            compression=compression,
-            max_message_size=max_message_size,
-            max_queue=max_queue,
-            ping_interval=ping_interval,
-            ping_timeout=ping_timeout,
-            close_timeout=close_timeout,
-            server_options=options,
-        ) as client:
-            server_conn = await receive_accepted.receive()
-            try:
-                yield client, server_conn
-            finally:
-                finished.set()
+    # open_handler_client unwraps single-exception groups already.
+    async with open_handler_client(
+        handler,
+        resource,
+        subprotocols=subprotocols,
+        compression=compression,
+        max_message_size=max_message_size,
+        max_queue=max_queue,
+        ping_interval=ping_interval,
+        ping_timeout=ping_timeout,
+        close_timeout=close_timeout,
+        server_options=options,
+    ) as client:
+        server_conn = await receive_accepted.receive()
+        try:
+            yield client, server_conn
+        finally:
+            finished.set()
