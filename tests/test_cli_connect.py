@@ -23,7 +23,7 @@ import trio
 import trustme
 
 import wsnursery
-from _helpers import HOST, closed_port
+from _helpers import HOST, closed_port, wait_until
 from wsnursery import WebSocketRequest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -290,9 +290,7 @@ async def test_ctrl_c_closes_with_1001() -> None:
         proc.proc.send_signal(signal.SIGINT)
         await proc.expect(r"^= SIGINT: closing$")
         assert await proc.wait() == 0
-        with trio.fail_after(TIME_LIMIT):
-            while not closes:
-                await trio.sleep(0.01)
+        await wait_until(lambda: bool(closes), TIME_LIMIT)
     assert closes == [1001]
 
 

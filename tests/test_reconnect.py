@@ -50,6 +50,7 @@ from wsnursery import (
     MessageEvent,
     OpenEvent,
     ReadyState,
+    ReconnectingWebSocket,
     TransportError,
     WebSocketRequest,
     open_reconnecting_websocket,
@@ -114,6 +115,28 @@ async def ws_server(
 
 
 @asynccontextmanager
+async def served_client(
+    handler: Callable[[WebSocketRequest], Awaitable[None]], **kwargs: Any
+) -> AsyncIterator[ReconnectingWebSocket]:
+    """A reconnecting client (``kwargs`` its options) of ``ws_server(handler)``."""
+    async with (
+        ws_server(handler) as server,
+        open_reconnecting_websocket(url_of(server.port), **kwargs) as client,
+    ):
+        yield client
+
+
+async def serve_until_cancelled(
+    handler: Callable[[WebSocketRequest], Awaitable[None]], port: int, task_status: Any
+) -> None:
+    """``ws_server`` for ``nursery.start``, which returns (its cancel scope, its port)."""
+    with trio.CancelScope() as scope:
+        async with ws_server(handler, port) as server:
+            task_status.started((scope, server.port))
+            await trio.sleep_forever()
+
+
+@asynccontextmanager
 async def raw_server(handler: Callable[[trio.SocketStream], Awaitable[None]]) -> AsyncIterator[int]:
     """A TCP server whose handler does everything by hand; yields its port."""
     async with trio.open_nursery() as nursery:
@@ -157,6 +180,24 @@ def url_of(port: int, path: str = "/") -> str:
     return f"ws://{HOST}:{port}{path}"
 
 
+def close_recorder() -> tuple[Callable[[WebSocketRequest], Awaitable[None]], list[int]]:
+    """A handler that accepts and waits, and the close code of each connection it served."""
+    closes: list[int] = []
+
+    async def handler(request: WebSocketRequest) -> None:
+        conn = await request.accept()
+        closes.append((await conn.wait_closed()).code)
+
+    return handler, closes
+
+
+async def wait_for_unread(client: ReconnectingWebSocket, count: int) -> None:
+    """Until the current connection holds ``count`` messages not read yet."""
+    await wait_until(
+        lambda: client.connection is not None and len(client.connection._proto.messages) == count
+    )
+
+
 # -- reconnecting --------------------------------------------------------------------
 
 
@@ -177,12 +218,9 @@ async def test_messages_flow_across_a_reconnection() -> None:
         log(event)
 
     with trio.fail_after(TIMEOUT):
-        async with (
-            ws_server(handler) as server,
-            open_reconnecting_websocket(
-                url_of(server.port), on_event=on_event, backoff=Backoff(initial=0.01)
-            ) as client,
-        ):
+        async with served_client(
+            handler, on_event=on_event, backoff=Backoff(initial=0.01)
+        ) as client:
             assert client.state is ReadyState.CONNECTING
             await client.wait_open()
             assert client.state is ReadyState.OPEN
@@ -223,15 +261,7 @@ async def test_server_goes_away_and_comes_back(clock: trio.testing.MockClock) ->
     log = Log()
     with trio.fail_after(TIMEOUT):
         async with trio.open_nursery() as outer:
-            first = trio.CancelScope()
-
-            async def run_first(task_status: Any) -> None:
-                with first:
-                    async with ws_server(echo) as server:
-                        task_status.started(server.port)
-                        await trio.sleep_forever()
-
-            port = await outer.start(run_first)
+            first, port = await outer.start(serve_until_cancelled, echo, 0)
             async with open_reconnecting_websocket(
                 url_of(port), backoff=NO_JITTER, on_event=log
             ) as client:
@@ -239,7 +269,7 @@ async def test_server_goes_away_and_comes_back(clock: trio.testing.MockClock) ->
                 first.cancel()  # the server goes away: 1001 to its clients
                 errors = await log.wait_for(ErrorEvent, 3)
                 # ... and comes back on the same port
-                second = await outer.start(partial(run_server_until_cancelled, port))
+                second, _ = await outer.start(serve_until_cancelled, echo, port)
                 await client.send_message("back")
                 assert await client.get_message() == "back"
                 second.cancel()
@@ -254,13 +284,6 @@ async def test_server_goes_away_and_comes_back(clock: trio.testing.MockClock) ->
     opened_at, opened = log.of(OpenEvent)[1]
     assert opened_at - closed_at == pytest.approx(1.5)
     assert (opened.number, opened.attempt) == (2, 4)
-
-
-async def run_server_until_cancelled(port: int, task_status: Any) -> None:
-    with trio.CancelScope() as scope:
-        async with ws_server(echo, port):
-            task_status.started(scope)
-            await trio.sleep_forever()
 
 
 async def test_backoff_resets_after_a_connection_stayed_up(clock: trio.testing.MockClock) -> None:
@@ -278,12 +301,7 @@ async def test_backoff_resets_after_a_connection_stayed_up(clock: trio.testing.M
 
     log = Log()
     with trio.fail_after(TIMEOUT * 3):
-        async with (
-            ws_server(handler) as server,
-            open_reconnecting_websocket(
-                url_of(server.port), backoff=Backoff(jitter=0, reset_after=10), on_event=log
-            ),
-        ):
+        async with served_client(handler, backoff=Backoff(jitter=0, reset_after=10), on_event=log):
             await log.wait_for(OpenEvent, 5)
     closes = log.of(CloseEvent)[:4]
     opens = log.of(OpenEvent)
@@ -336,12 +354,7 @@ async def test_503_then_101(clock: trio.testing.MockClock) -> None:
     handler, seen = counting_rejecter([503])
     log = Log()
     with trio.fail_after(TIMEOUT):
-        async with (
-            ws_server(handler) as server,
-            open_reconnecting_websocket(
-                url_of(server.port), backoff=NO_JITTER, on_event=log
-            ) as client,
-        ):
+        async with served_client(handler, backoff=NO_JITTER, on_event=log) as client:
             await client.wait_open()
             await client.send_message("hi")
             assert await client.get_message() == "hi"
@@ -359,12 +372,7 @@ async def test_429_waits_what_retry_after_says(clock: trio.testing.MockClock) ->
     handler, _seen = counting_rejecter([429], headers=[("Retry-After", "3")])
     log = Log()
     with trio.fail_after(TIMEOUT):
-        async with (
-            ws_server(handler) as server,
-            open_reconnecting_websocket(
-                url_of(server.port), backoff=NO_JITTER, on_event=log
-            ) as client,
-        ):
+        async with served_client(handler, backoff=NO_JITTER, on_event=log) as client:
             await client.wait_open()
     ((failed_at, error),) = log.of(ErrorEvent)
     assert (error.status_code, error.delay) == (429, 3.0)
@@ -433,10 +441,7 @@ async def test_the_classifier_decides(clock: trio.testing.MockClock) -> None:
         return wsnursery.default_retry_on(error)
 
     with trio.fail_after(TIMEOUT):
-        async with (
-            ws_server(handler) as server,
-            open_reconnecting_websocket(url_of(server.port), retry_on=retry_on) as client,
-        ):
+        async with served_client(handler, retry_on=retry_on) as client:
             await client.wait_open()
     assert seen == [1, 2]
 
@@ -545,12 +550,7 @@ async def test_reconnect_can_be_turned_off_at_run_time() -> None:
 
     log = Log()
     with trio.fail_after(TIMEOUT):
-        async with (
-            ws_server(handler) as server,
-            open_reconnecting_websocket(
-                url_of(server.port), on_event=log, backoff=Backoff(initial=0.01)
-            ) as client,
-        ):
+        async with served_client(handler, on_event=log, backoff=Backoff(initial=0.01)) as client:
             assert client.reconnect
             await client.send_message("close, please")
             await log.wait_for(OpenEvent, 2)  # it reconnected
@@ -625,16 +625,13 @@ async def test_on_open_runs_first_on_every_connection() -> None:
 
     log = Log()
     with trio.fail_after(TIMEOUT):
-        async with (
-            ws_server(handler) as server,
-            open_reconnecting_websocket(
-                url_of(server.port),
-                on_open=on_open,
-                on_event=log,
-                backoff=Backoff(initial=0.01),
-                send_policy="queue",
-            ) as client,
-        ):
+        async with served_client(
+            handler,
+            on_open=on_open,
+            on_event=log,
+            backoff=Backoff(initial=0.01),
+            send_policy="queue",
+        ) as client:
             await client.send_message("one")  # queued: the client is connecting
             assert await client.get_message() == "ack one"
             await client.send_message("close")
@@ -646,11 +643,7 @@ async def test_on_open_runs_first_on_every_connection() -> None:
 
 
 async def test_an_on_open_error_ends_the_client_with_that_error() -> None:
-    closes: list[int] = []
-
-    async def handler(request: WebSocketRequest) -> None:
-        conn = await request.accept()
-        closes.append((await conn.wait_closed()).code)
+    handler, closes = close_recorder()
 
     async def on_open(conn: wsnursery.WebSocketConnection) -> None:
         raise KeyError("bad subscription")
@@ -669,10 +662,7 @@ async def test_an_on_open_error_ends_the_client_with_that_error() -> None:
 async def test_send_policy_wait_sends_once_connected() -> None:
     handler, connections = recording_server()
     with trio.fail_after(TIMEOUT):
-        async with (
-            ws_server(handler) as server,
-            open_reconnecting_websocket(url_of(server.port)) as client,
-        ):
+        async with served_client(handler) as client:
             assert client.state is ReadyState.CONNECTING
             await client.send_message("early")  # waits for the connection
             assert client.state is ReadyState.OPEN
@@ -706,21 +696,12 @@ async def test_send_policy_queue_keeps_order_and_bounds_the_queue() -> None:
                 with trio.move_on_after(0.01):
                     await client.send_message("cancelled")  # nothing queued
                 assert client.unsent == 2
-                scope = await outer.start(partial(serve_on, handler, port))
+                scope, _ = await outer.start(serve_until_cancelled, handler, port)
                 await sent_third.wait()
                 replies = [await client.get_message() for _ in range(3)]
                 scope.cancel()
     assert connections[0][:3] == ["a", b"b", "c"]
     assert replies == ["ack a", "ack b'b'", "ack c"]
-
-
-async def serve_on(
-    handler: Callable[[WebSocketRequest], Awaitable[None]], port: int, task_status: Any
-) -> None:
-    with trio.CancelScope() as scope:
-        async with ws_server(handler, port):
-            task_status.started(scope)
-            await trio.sleep_forever()
 
 
 async def test_send_policy_raise() -> None:
@@ -768,18 +749,9 @@ async def test_events_keep_each_connections_messages_between_its_open_and_close(
 
     log = Log()
     with trio.fail_after(TIMEOUT):
-        async with (
-            ws_server(handler) as server,
-            open_reconnecting_websocket(
-                url_of(server.port), on_event=log, backoff=Backoff(initial=0.01)
-            ) as client,
-        ):
+        async with served_client(handler, on_event=log, backoff=Backoff(initial=0.01)) as client:
             await log.wait_for(OpenEvent, 2)
-            await wait_until(
-                lambda: (
-                    client.connection is not None and len(client.connection._proto.messages) == 2
-                )
-            )
+            await wait_for_unread(client, 2)
             seen: list[Any] = []
             async for event in client.events():
                 seen.append(event)
@@ -808,10 +780,7 @@ async def test_events_end_after_the_last_close_and_raise_when_giving_up() -> Non
         await (await request.accept()).aclose()
 
     with trio.fail_after(TIMEOUT):
-        async with (
-            ws_server(handler) as server,
-            open_reconnecting_websocket(url_of(server.port), reconnect=False) as client,
-        ):
+        async with served_client(handler, reconnect=False) as client:
             kinds = [type(e).__name__ async for e in client.events()]
     assert kinds == ["OpenEvent", "CloseEvent"]
 
@@ -849,18 +818,9 @@ async def test_unread_messages_of_an_older_connection_are_dropped(
     log = Log()
     caplog.set_level(logging.WARNING, "wsnursery.reconnect")
     with trio.fail_after(TIMEOUT):
-        async with (
-            ws_server(handler) as server,
-            open_reconnecting_websocket(
-                url_of(server.port), on_event=log, backoff=Backoff(initial=0.01)
-            ) as client,
-        ):
+        async with served_client(handler, on_event=log, backoff=Backoff(initial=0.01)) as client:
             await log.wait_for(OpenEvent, 3)
-            await wait_until(
-                lambda: (
-                    client.connection is not None and len(client.connection._proto.messages) == 2
-                )
-            )
+            await wait_for_unread(client, 2)
             messages = [await client.get_message() for _ in range(4)]
     assert messages == ["2a", "2b", "3a", "3b"]
     assert "dropped 2 unread messages of connection 1" in caplog.text
@@ -956,11 +916,7 @@ async def test_cancelling_the_block_in_each_state(where: str) -> None:
 
 
 async def test_leaving_by_an_exception_closes_with_1011() -> None:
-    closes: list[int] = []
-
-    async def handler(request: WebSocketRequest) -> None:
-        conn = await request.accept()
-        closes.append((await conn.wait_closed()).code)
+    handler, closes = close_recorder()
 
     async def session(port: int) -> None:
         async with open_reconnecting_websocket(url_of(port)) as client:
@@ -979,10 +935,7 @@ async def test_aclose_stops_the_client_in_the_block() -> None:
     handler, _connections = recording_server()
     log = Log()
     with trio.fail_after(TIMEOUT):
-        async with (
-            ws_server(handler) as server,
-            open_reconnecting_websocket(url_of(server.port), on_event=log) as client,
-        ):
+        async with served_client(handler, on_event=log) as client:
             await client.wait_open()
             await client.aclose(4000, "enough")
             assert client.state is ReadyState.CLOSED

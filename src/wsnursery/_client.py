@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import ssl
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
+from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -82,6 +84,62 @@ def resolve_ssl_context(
     if ssl_context is not None:
         raise ValueError("pass either ssl_context or cafile/certfile/keyfile, not both")
     return client_ssl_context(cafile, certfile=certfile, keyfile=keyfile)
+
+
+class BlockExit:
+    """How a user's ``async with`` block was left, as the close code to send.
+
+    Enter it just inside ``body``, the cancel scope from :func:`graceful_scope`
+    (``with body, block_exit:``), then read :attr:`code`: 1000 when the block
+    ended normally, 1001 when it was cancelled, 1011 when it raised anything else.
+    """
+
+    __slots__ = ("_body", "_error")
+
+    def __init__(self, body: trio.CancelScope) -> None:
+        self._body = body
+        self._error: BaseException | None = None
+
+    def __enter__(self) -> None:
+        pass
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._error = exc
+
+    @property
+    def code(self) -> CloseCode:
+        if self._body.cancelled_caught or isinstance(self._error, trio.Cancelled):
+            return CloseCode.GOING_AWAY
+        if self._error is not None:
+            return CloseCode.INTERNAL_ERROR
+        return CloseCode.NORMAL_CLOSURE
+
+
+def client_handshake(
+    host_header: str,
+    resource: str,
+    *,
+    subprotocols: Sequence[str],
+    extra_headers: HeaderPairs,
+    compression: bool,
+    max_message_size: int | None,
+) -> ClientHandshake:
+    """The client's half of the opening handshake; ``compression`` offers permessage-deflate."""
+    extensions = (
+        [BoundedPerMessageDeflate(max_message_size=max_message_size)] if compression else []
+    )
+    return ClientHandshake(
+        host_header,
+        resource,
+        subprotocols=subprotocols,
+        extensions=extensions,
+        extra_headers=extra_headers,
+    )
 
 
 def _host_header(host: str, port: int, tls: bool) -> str:
@@ -191,15 +249,13 @@ async def connect_websocket(
     """
     ssl_context = resolve_ssl_context(ssl_context, cafile, certfile, keyfile)
     tls = use_ssl or ssl_context is not None
-    extensions = (
-        [BoundedPerMessageDeflate(max_message_size=max_message_size)] if compression else []
-    )
-    handshake = ClientHandshake(
+    handshake = client_handshake(
         _host_header(host, port, tls),
         resource,
         subprotocols=subprotocols,
-        extensions=extensions,
         extra_headers=extra_headers,
+        compression=compression,
+        max_message_size=max_message_size,
     )
     stream: trio.abc.Stream | None = None
     try:
@@ -243,15 +299,13 @@ async def connect_websocket(
                 raise TransportError(
                     f"cannot connect to {host}:{port}: {_describe(cause)}"
                 ) from cause
-    except trio.TooSlowError as exc:
+    except BaseException as exc:
         if stream is not None:
             await trio.aclose_forcefully(stream)
-        raise HandshakeTimeout(
-            f"opening handshake with {host}:{port} took over {open_timeout} s"
-        ) from exc
-    except BaseException:
-        if stream is not None:
-            await trio.aclose_forcefully(stream)
+        if isinstance(exc, trio.TooSlowError):
+            raise HandshakeTimeout(
+                f"opening handshake with {host}:{port} took over {open_timeout} s"
+            ) from exc
         raise
     conn = client_connection(
         stream,
@@ -286,23 +340,16 @@ def client_connection(
     """The client's connection once ``handshake`` succeeded on ``stream``."""
     local, remote = stream_addresses(stream)
     observer = control_observer.get()
-    protocol = (
-        Protocol(
-            client=True,
-            extensions=handshake.accepted_extensions,
-            max_message_size=max_message_size,
-        )
-        if observer is None
-        else _ObservedProtocol(
-            observer,
-            client=True,
-            extensions=handshake.accepted_extensions,
-            max_message_size=max_message_size,
-        )
+    make_protocol: Callable[..., Protocol] = (
+        Protocol if observer is None else functools.partial(_ObservedProtocol, observer)
     )
     return WebSocketConnection(
         stream,
-        protocol,
+        make_protocol(
+            client=True,
+            extensions=handshake.accepted_extensions,
+            max_message_size=max_message_size,
+        ),
         path=handshake.target.split("?", 1)[0],
         query=dict(parse_qsl(urlsplit(handshake.target).query, keep_blank_values=True)),
         request_headers=handshake.request_headers(),
@@ -362,24 +409,15 @@ async def open_websocket(
     with collapse_exception_groups():
         async with graceful_scope() as body, trio.open_nursery() as nursery:
             conn: WebSocketConnection | None = None
-            code = CloseCode.NORMAL_CLOSURE
+            left = BlockExit(body)
             try:
-                with body:
+                with body, left:
                     conn = await connect_websocket(nursery, host, port, resource, **kwargs)  # type: ignore[arg-type]
-                    try:
-                        yield conn
-                    except trio.Cancelled:
-                        code = CloseCode.GOING_AWAY
-                        raise
-                    except BaseException:
-                        code = CloseCode.INTERNAL_ERROR
-                        raise
+                    yield conn
             finally:
-                if body.cancelled_caught:
-                    code = CloseCode.GOING_AWAY
                 if conn is not None:
                     # Shielded by graceful_scope; bounded by close_timeout.
-                    await conn.aclose(code)
+                    await conn.aclose(left.code)
             nursery.cancel_scope.cancel()
 
 

@@ -42,7 +42,7 @@ from typing import Literal
 import trio
 from trio.lowlevel import cancel_shielded_checkpoint, checkpoint, checkpoint_if_cancelled
 
-from ._client import _parse_url, connect_websocket, resolve_ssl_context
+from ._client import BlockExit, _parse_url, connect_websocket, resolve_ssl_context
 from ._connection import WebSocketConnection
 from ._exceptions import (
     CloseCode,
@@ -57,7 +57,7 @@ from ._exceptions import (
 from ._headers import HeaderPairs
 from ._protocol import ProtocolState
 from ._tls import SYSTEM, StrPath, TrustStore
-from ._util import collapse_exception_groups, graceful_scope
+from ._util import graceful_scope
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
@@ -270,7 +270,7 @@ def default_retry_on(error: Exception) -> bool:
         return isinstance(error.__cause__, EOFError)
     if isinstance(error, TransportError):
         return not isinstance(error.__cause__, ssl.SSLCertVerificationError)
-    return isinstance(error, (OSError, TimeoutError))
+    return isinstance(error, OSError)  # TimeoutError included
 
 
 # -- states and events ------------------------------------------------------------------
@@ -451,7 +451,8 @@ class ReconnectingWebSocket:
         self._rng = rng
         self._body = body
         self._phase = ReadyState.CONNECTING
-        # The published connection (OPEN or closing), or None.
+        # The published connection (OPEN or closing), or None; set exactly
+        # while _phase is OPEN.
         self._conn: WebSocketConnection | None = None
         # Connections numbered from 1; those whose messages may be unread.
         self._gen = 0
@@ -461,13 +462,11 @@ class ReconnectingWebSocket:
         self._lifecycle: deque[tuple[int, ClientEvent]] = deque()
         self._queue: deque[Message] = deque()
         self._changed = trio.Event()
-        self._done = trio.Event()
+        self._done = trio.Event()  # set once the client has stopped for good
         self._waiting = 0
         self._fatal: Exception | None = None
-        self._finished = False
         self._last_reason: CloseReason | None = None
-        self._end_reason: CloseReason | None = None
-        self._stop: tuple[int, str] | None = None
+        self._stop: CloseReason | None = None  # what aclose() was called with
         self._scope: trio.CancelScope | None = None
         self._task: trio.lowlevel.Task | None = None
 
@@ -480,7 +479,7 @@ class ReconnectingWebSocket:
     def state(self) -> ReadyState:
         """The :class:`ReadyState`, readable at any time."""
         conn = self._conn
-        if self._phase is ReadyState.OPEN and conn is not None:
+        if conn is not None:
             if conn.state is ProtocolState.OPEN:
                 return ReadyState.OPEN
             return ReadyState.CLOSED if conn.closed is not None else ReadyState.CLOSING
@@ -533,9 +532,10 @@ class ReconnectingWebSocket:
             self._waiting -= 1
 
     def _end_error(self) -> Exception:
+        """What calls raise once the client has stopped."""
         if self._fatal is not None:
             return self._fatal
-        return ConnectionClosed.for_reason(self._end_reason or _NOT_CONNECTED)
+        return ConnectionClosed.for_reason(self._last_reason or self._stop or _NOT_CONNECTED)
 
     async def wait_open(self) -> None:
         """Wait until the client is OPEN (return at once if it is).
@@ -553,7 +553,7 @@ class ReconnectingWebSocket:
             if self.state is ReadyState.OPEN:
                 await checkpoint()
                 return
-            if self._finished:
+            if self._done.is_set():
                 await checkpoint()
                 raise self._end_error()
             await self._wait_changed()
@@ -597,21 +597,19 @@ class ReconnectingWebSocket:
             raise TypeError(f"message must be str or bytes-like, not {type(message).__name__}")
         while True:
             conn = self._conn
-            if conn is not None and self._phase is ReadyState.OPEN:
+            if conn is not None:
                 try:
                     await conn.send_message(message)
                     return
                 except ConnectionClosed:
                     if self._send_policy == "raise":
                         raise
-            if self._finished:
+            if self._done.is_set():
                 await checkpoint()
                 raise self._end_error()
             if self._stop is not None:
                 await checkpoint()
-                raise ConnectionClosed.for_reason(
-                    CloseReason(self._stop[0], self._stop[1], initiated_by_peer=False)
-                )
+                raise ConnectionClosed.for_reason(self._stop)
             if self._send_policy == "raise":
                 await checkpoint()
                 raise ConnectionClosed.for_reason(self._last_reason or _NOT_CONNECTED)
@@ -685,7 +683,7 @@ class ReconnectingWebSocket:
             if gen <= self._gen:
                 self._advance_from(gen)  # dropped (bounded backlog)
                 continue
-            if self._finished:
+            if self._done.is_set():
                 await checkpoint()
                 raise self._end_error()
             await self._wait_changed()
@@ -748,7 +746,7 @@ class ReconnectingWebSocket:
             if gen <= self._gen:
                 self._advance_from(gen)
                 continue
-            if self._finished:
+            if self._done.is_set():
                 await checkpoint()
                 if self._fatal is not None:
                     raise self._fatal
@@ -770,8 +768,8 @@ class ReconnectingWebSocket:
             The client is still stopped, and the connection closed at once
             without waiting for the server.
         """
-        if self._stop is None and not self._finished:
-            self._stop = (code, reason)
+        if self._stop is None and not self._done.is_set():
+            self._stop = CloseReason(code, reason, initiated_by_peer=False)
             if self._scope is not None:
                 self._scope.cancel()  # an attempt, on_open, the backoff sleep
             self._notify()
@@ -813,15 +811,10 @@ class ReconnectingWebSocket:
             self._notify()
 
     def _finish(self) -> None:
-        if self._finished:
+        if self._done.is_set():
             return
-        self._finished = True
         self._phase = ReadyState.CLOSED
         self._conn = None
-        if self._stop is not None and self._last_reason is None:
-            self._end_reason = CloseReason(self._stop[0], self._stop[1], initiated_by_peer=False)
-        else:
-            self._end_reason = self._last_reason
         if self._queue:
             logger.warning("%r: %d queued messages were never sent", self, len(self._queue))
             self._queue.clear()
@@ -843,8 +836,7 @@ class ReconnectingWebSocket:
         self._task = trio.lowlevel.current_task()
         retries = _Retries(self._backoff)
         try:
-            while self._stop is None:
-                self._set_phase(ReadyState.CONNECTING)
+            while self._stop is None:  # the phase is CONNECTING
                 outcome = await self._attempt(retries)
                 if outcome is None:
                     break  # stopped
@@ -936,8 +928,10 @@ class ReconnectingWebSocket:
             finally:
                 if conn is not None and conn.closed is None:
                     # Stopped during on_open, or on_open raised.
-                    code, text = self._stop or (CloseCode.INTERNAL_ERROR, "")
-                    await conn.aclose(code, text)
+                    if self._stop is not None:
+                        await conn.aclose(self._stop.code, self._stop.reason)
+                    else:
+                        await conn.aclose(CloseCode.INTERNAL_ERROR)
                 self._conn = None
                 if self._phase is ReadyState.OPEN:
                     self._set_phase(ReadyState.CLOSED)  # until the supervisor decides
@@ -980,7 +974,12 @@ class _EventIterator:
 
 @contextmanager
 def _one_exception() -> Iterator[None]:
-    """A group whose leaves are all one exception object (the give-up error) is that exception."""
+    """A group whose leaves are all one exception object is that exception.
+
+    That covers what ``collapse_exception_groups`` does (a group of a single
+    exception, nested or not) and also the give-up error raised in several
+    waiting tasks at once.
+    """
     try:
         yield
     except BaseExceptionGroup as group:
@@ -997,7 +996,7 @@ def _one_exception() -> Iterator[None]:
         if not leaves or any(leaf is not leaves[0] for leaf in leaves):
             raise
         exc = leaves[0]
-        raise exc from exc.__cause__ if exc.__cause__ is not None else None
+        raise exc from exc.__cause__  # from None when it has none: hides the group
 
 
 @asynccontextmanager
@@ -1097,7 +1096,7 @@ async def open_reconnecting_websocket(
     if tls and context is None:
         context = ssl.create_default_context()
     connect = functools.partial(
-        _connect,
+        connect_websocket,
         host=host,
         port=port,
         resource=resource,
@@ -1114,7 +1113,7 @@ async def open_reconnecting_websocket(
         ping_timeout=ping_timeout,
         compression=compression,
     )
-    with _one_exception(), collapse_exception_groups():
+    with _one_exception():
         async with graceful_scope() as body, trio.open_nursery() as nursery:
             client = ReconnectingWebSocket(
                 url,
@@ -1131,26 +1130,13 @@ async def open_reconnecting_websocket(
                 body=body,
             )
             nursery.start_soon(client._run, name="wsnursery reconnect")
-            code = CloseCode.NORMAL_CLOSURE
+            left = BlockExit(body)
             try:
-                with body:
-                    try:
-                        yield client
-                    except trio.Cancelled:
-                        code = CloseCode.GOING_AWAY
-                        raise
-                    except BaseException:
-                        code = CloseCode.INTERNAL_ERROR
-                        raise
+                with body, left:
+                    yield client
             finally:
-                if body.cancelled_caught:
-                    code = CloseCode.GOING_AWAY
                 # Shielded by graceful_scope; bounded by close_timeout.
-                await client.aclose(code)
+                await client.aclose(left.code)
                 nursery.cancel_scope.cancel()
             if body.cancelled_caught and client._fatal is not None:
                 raise client._fatal
-
-
-async def _connect(nursery: trio.Nursery, **kwargs: object) -> WebSocketConnection:
-    return await connect_websocket(nursery, **kwargs)  # type: ignore[arg-type]
