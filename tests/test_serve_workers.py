@@ -170,10 +170,14 @@ async def test_one_worker_needs_no_redis() -> None:
             assert await served.proc.wait() == 0
 
 
-async def run_cli(*args: str) -> subprocess.CompletedProcess[bytes]:
+async def run_cli(*args: str, app: str = "redis_node:app") -> subprocess.CompletedProcess[bytes]:
     with trio.fail_after(60):
         return await trio.run_process(
-            serve_command(*args), cwd=HERE, capture_stdout=True, capture_stderr=True, check=False
+            serve_command(*args, app=app),
+            cwd=HERE,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
         )
 
 
@@ -193,13 +197,7 @@ async def test_a_redis_that_is_not_there_fails_the_start() -> None:
 
 
 async def test_an_app_that_cannot_be_loaded() -> None:
-    result = await trio.run_process(
-        [sys.executable, "-m", "wsnursery", "serve", "no_such_module:app"],
-        cwd=HERE,
-        capture_stdout=True,
-        capture_stderr=True,
-        check=False,
-    )
+    result = await run_cli(app="no_such_module:app")
     assert result.returncode == 2
     assert b"cannot load no_such_module:app" in result.stderr
 

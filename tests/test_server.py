@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import resource
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
 import wsnursery
+from _helpers import HOST, count_tasks
 from wsnursery import (
     ConnectionClosedOK,
     ConnectionRejected,
@@ -21,14 +25,9 @@ from wsnursery import (
     open_websocket_url,
     serve_websocket,
 )
+from wsnursery._server import ServerOptions
 
-
-def count_tasks() -> int:
-    def walk(task: trio.lowlevel.Task) -> int:
-        children = (c for n in task.child_nurseries for c in n.child_tasks)
-        return 1 + sum(walk(child) for child in children)
-
-    return walk(trio.lowlevel.current_root_task())
+Handler = Callable[[WebSocketRequest], Awaitable[None]]
 
 
 async def echo(request: WebSocketRequest) -> None:
@@ -37,19 +36,38 @@ async def echo(request: WebSocketRequest) -> None:
         await conn.send_message(message)
 
 
-async def start(
-    nursery: trio.Nursery, handler: Callable[[WebSocketRequest], Awaitable[None]], **kw: object
-) -> WebSocketServer:
-    server: WebSocketServer = await nursery.start(
-        functools.partial(serve_websocket, handler, "127.0.0.1", 0, **kw)  # type: ignore[arg-type]
-    )
-    return server
+def recording_close_codes(seen: list[int]) -> Handler:
+    """A handler that accepts, then appends the connection's close code to ``seen``."""
+
+    async def watch(request: WebSocketRequest) -> None:
+        conn = await request.accept()
+        seen.append((await conn.wait_closed()).code)
+
+    return watch
+
+
+@asynccontextmanager
+async def serving(handler: Handler, **kw: Any) -> AsyncIterator[WebSocketServer]:
+    """A server on a free port of 127.0.0.1 for the ``async with`` block."""
+    async with trio.open_nursery() as nursery:
+        server: WebSocketServer = await nursery.start(
+            functools.partial(serve_websocket, handler, HOST, 0, **kw)
+        )
+        yield server
+        nursery.cancel_scope.cancel()
+
+
+async def serve_in(
+    scope: trio.CancelScope, handler: Handler, *, task_status: trio.TaskStatus[WebSocketServer]
+) -> None:
+    """``serve_websocket`` in ``scope``: the test cancels the server alone."""
+    with scope:
+        await serve_websocket(handler, HOST, 0, task_status=task_status)
 
 
 async def test_serve_and_echo() -> None:
     with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            server = await start(nursery, echo)
+        async with serving(echo) as server:
             assert server.port > 0
             assert len(server.listeners) == 1
             async with open_websocket_url(f"ws://127.0.0.1:{server.port}/e?q=1") as ws:
@@ -61,7 +79,6 @@ async def test_serve_and_echo() -> None:
                 assert conn.query == {"q": "1"}
                 assert conn.remote[0] == "127.0.0.1"
                 assert ws.local == conn.remote
-            nursery.cancel_scope.cancel()
 
 
 async def test_cancelling_the_server_closes_every_connection_with_1001() -> None:
@@ -69,12 +86,7 @@ async def test_cancelling_the_server_closes_every_connection_with_1001() -> None
     with trio.fail_after(10):
         async with trio.open_nursery() as outer:
             server_scope = trio.CancelScope()
-
-            async def run_server(task_status: trio.TaskStatus[WebSocketServer]) -> None:
-                with server_scope:
-                    await serve_websocket(echo, "127.0.0.1", 0, task_status=task_status)
-
-            server = await outer.start(run_server)
+            server = await outer.start(serve_in, server_scope, echo)
             codes: list[int] = []
 
             async def client() -> None:
@@ -109,17 +121,17 @@ async def test_shutdown_cancels_handlers_that_ignore_the_close_after_close_timeo
             raise
 
     with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            server = await start(nursery, stubborn, close_timeout=0.3)
-            async with open_websocket_url(f"ws://127.0.0.1:{server.port}/") as ws:
-                await trio.testing.wait_all_tasks_blocked(0.01)
-                start_time = trio.current_time()
-                await server.aclose()
-                assert trio.current_time() - start_time < 2
-                assert cancelled.is_set()
-                with pytest.raises(ConnectionClosedOK):
-                    await ws.get_message()
-            nursery.cancel_scope.cancel()
+        async with (
+            serving(stubborn, close_timeout=0.3) as server,
+            open_websocket_url(f"ws://127.0.0.1:{server.port}/") as ws,
+        ):
+            await trio.testing.wait_all_tasks_blocked(0.01)
+            start_time = trio.current_time()
+            await server.aclose()
+            assert trio.current_time() - start_time < 2
+            assert cancelled.is_set()
+            with pytest.raises(ConnectionClosedOK):
+                await ws.get_message()
 
 
 async def test_no_task_outlives_the_server_with_1000_connections_open() -> None:
@@ -131,12 +143,7 @@ async def test_no_task_outlives_the_server_with_1000_connections_open() -> None:
     with trio.fail_after(60):
         async with trio.open_nursery() as outer:
             server_scope = trio.CancelScope()
-
-            async def run_server(task_status: trio.TaskStatus[WebSocketServer]) -> None:
-                with server_scope:
-                    await serve_websocket(echo, "127.0.0.1", 0, task_status=task_status)
-
-            server = await outer.start(run_server)
+            server = await outer.start(serve_in, server_scope, echo)
             closed = 0
 
             async def client(opened: trio.Semaphore) -> None:
@@ -167,8 +174,7 @@ async def test_no_task_outlives_the_server_with_1000_connections_open() -> None:
 
 async def test_aclose_from_another_task_stops_run() -> None:
     with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            server = await start(nursery, echo)
+        async with serving(echo) as server:
             await server.aclose()
             await server.aclose()  # again: returns at once
             with pytest.raises(wsnursery.TransportError):
@@ -184,8 +190,7 @@ async def test_handshake_during_shutdown_gets_503() -> None:
         await request.accept()
 
     with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            server = await start(nursery, slow_to_accept, close_timeout=2)
+        async with serving(slow_to_accept, close_timeout=2) as server:
 
             async def client() -> None:
                 with pytest.raises(ConnectionRejected) as info:
@@ -199,7 +204,6 @@ async def test_handshake_during_shutdown_gets_503() -> None:
                 clients.start_soon(server.aclose)
                 await trio.testing.wait_all_tasks_blocked(0.05)
                 release.set()
-            nursery.cancel_scope.cancel()
 
 
 async def test_handler_that_neither_accepts_nor_rejects_gets_500(
@@ -209,14 +213,12 @@ async def test_handler_that_neither_accepts_nor_rejects_gets_500(
         return
 
     with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            server = await start(nursery, silent)
+        async with serving(silent) as server:
             with pytest.raises(ConnectionRejected) as info:
                 async with open_websocket_url(f"ws://127.0.0.1:{server.port}/"):
                     pass
             assert info.value.status_code == 500
             assert "without accepting or rejecting" in caplog.text
-            nursery.cancel_scope.cancel()
 
 
 async def test_handler_too_slow_to_decide_gets_503() -> None:
@@ -224,13 +226,11 @@ async def test_handler_too_slow_to_decide_gets_503() -> None:
         await trio.sleep(10)
 
     with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            server = await start(nursery, dithering, open_timeout=0.2)
+        async with serving(dithering, open_timeout=0.2) as server:
             with pytest.raises(ConnectionRejected) as info:
                 async with open_websocket_url(f"ws://127.0.0.1:{server.port}/"):
                     pass
             assert info.value.status_code == 503
-            nursery.cancel_scope.cancel()
 
 
 async def test_reject_with_status_headers_body() -> None:
@@ -240,21 +240,18 @@ async def test_reject_with_status_headers_body() -> None:
             await request.accept()
 
     with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            server = await start(nursery, deny)
+        async with serving(deny) as server:
             with pytest.raises(ConnectionRejected) as info:
                 async with open_websocket_url(f"ws://127.0.0.1:{server.port}/"):
                     pass
             assert info.value.status_code == 403
             assert info.value.headers["x-reason"] == "nope"
             assert info.value.body == b"forbidden"
-            nursery.cancel_scope.cancel()
 
 
 async def test_max_connections_gives_503() -> None:
     with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            server = await start(nursery, echo, max_connections=2)
+        async with serving(echo, max_connections=2) as server:
             url = f"ws://127.0.0.1:{server.port}/"
             async with open_websocket_url(url), open_websocket_url(url):
                 with pytest.raises(ConnectionRejected) as info:
@@ -262,7 +259,6 @@ async def test_max_connections_gives_503() -> None:
                         pass
                 assert info.value.status_code == 503
                 assert info.value.headers["retry-after"] == "1"
-            nursery.cancel_scope.cancel()
 
 
 async def test_subprotocol_and_extra_headers() -> None:
@@ -272,15 +268,13 @@ async def test_subprotocol_and_extra_headers() -> None:
         await conn.send_message(conn.subprotocol or "")
 
     with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            server = await start(nursery, pick)
-            async with open_websocket_url(
-                f"ws://127.0.0.1:{server.port}/", subprotocols=["v1", "v2"]
-            ) as ws:
-                assert ws.subprotocol == "v2"
-                assert ws.response_headers["x-server"] == "yes"
-                assert await ws.get_message() == "v2"
-            nursery.cancel_scope.cancel()
+        async with (
+            serving(pick) as server,
+            open_websocket_url(f"ws://127.0.0.1:{server.port}/", subprotocols=["v1", "v2"]) as ws,
+        ):
+            assert ws.subprotocol == "v2"
+            assert ws.response_headers["x-server"] == "yes"
+            assert await ws.get_message() == "v2"
 
 
 # -- no exception groups reach the user ----------------------------------------
@@ -288,32 +282,19 @@ async def test_subprotocol_and_extra_headers() -> None:
 
 async def test_body_exception_comes_out_plain_and_closes_with_1011() -> None:
     seen: list[int] = []
-
-    async def watch(request: WebSocketRequest) -> None:
-        conn = await request.accept()
-        seen.append((await conn.wait_closed()).code)
-
     with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            server = await start(nursery, watch)
+        async with serving(recording_close_codes(seen)) as server:
             with pytest.raises(KeyError, match="boom"):
                 async with open_websocket_url(f"ws://127.0.0.1:{server.port}/"):
                     raise KeyError("boom")
             await trio.testing.wait_all_tasks_blocked(0.05)
             assert seen == [1011]
-            nursery.cancel_scope.cancel()
 
 
 async def test_cancelling_a_client_block_closes_with_1001_and_raises_no_group() -> None:
     seen: list[int] = []
-
-    async def watch(request: WebSocketRequest) -> None:
-        conn = await request.accept()
-        seen.append((await conn.wait_closed()).code)
-
     with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            server = await start(nursery, watch)
+        async with serving(recording_close_codes(seen)) as server:
             before = count_tasks()
             with trio.move_on_after(0.2) as scope:
                 async with open_websocket_url(f"ws://127.0.0.1:{server.port}/") as ws:
@@ -322,7 +303,6 @@ async def test_cancelling_a_client_block_closes_with_1001_and_raises_no_group() 
             await trio.testing.wait_all_tasks_blocked(0.05)
             assert count_tasks() == before
             assert seen == [1001]
-            nursery.cancel_scope.cancel()
 
 
 async def test_cancelled_while_connecting_leaves_nothing_behind() -> None:
@@ -330,8 +310,7 @@ async def test_cancelled_while_connecting_leaves_nothing_behind() -> None:
         await trio.sleep_forever()
 
     with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            server = await start(nursery, never, open_timeout=0.2, close_timeout=0.2)
+        async with serving(never, open_timeout=0.2, close_timeout=0.2) as server:
             before = count_tasks()
             with trio.move_on_after(0.1) as scope:
                 async with open_websocket_url(f"ws://127.0.0.1:{server.port}/"):
@@ -339,7 +318,6 @@ async def test_cancelled_while_connecting_leaves_nothing_behind() -> None:
             assert scope.cancelled_caught
             await trio.sleep(0.3)  # the server gives up on the silent handler
             assert count_tasks() == before
-            nursery.cancel_scope.cancel()
 
 
 async def test_handler_error_is_logged_with_traceback(caplog: pytest.LogCaptureFixture) -> None:
@@ -350,19 +328,31 @@ async def test_handler_error_is_logged_with_traceback(caplog: pytest.LogCaptureF
 
     caplog.set_level(logging.ERROR, logger="wsnursery.server")
     with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            server = await start(nursery, broken)
+        async with serving(broken) as server:
             async with open_websocket_url(f"ws://127.0.0.1:{server.port}/") as ws:
                 await ws.send_message("go")
                 reason = await ws.wait_closed()
             assert reason.code == 1011
             assert "ZeroDivisionError: handler bug" in caplog.text
-            nursery.cancel_scope.cancel()
 
 
 def test_public_names_report_the_public_module() -> None:
     assert WebSocketConnection.__module__ == "wsnursery"
     assert serve_websocket.__module__ == "wsnursery"
+
+
+def test_serve_websocket_takes_every_keyword_of_the_server_with_its_default() -> None:
+    """``**options: Unpack[ServerOptions]``: the TypedDict lists every keyword of
+    WebSocketServer (mypy checks their types), and the signature that help() and
+    the docs show spells them out with WebSocketServer's defaults."""
+    server = inspect.signature(WebSocketServer).parameters
+    keywords = [name for name, p in server.items() if p.kind is p.KEYWORD_ONLY]
+    assert list(ServerOptions.__annotations__) == keywords
+    shown = inspect.signature(serve_websocket).parameters
+    assert [name for name in shown if name in keywords] == keywords
+    assert all(shown[name].default == server[name].default for name in keywords)
+    assert list(shown)[:3] == ["handler", "host", "port"]
+    assert list(shown)[-1] == "task_status"
 
 
 async def test_server_keepalive_closes_a_silent_client_and_keeps_live_ones() -> None:
@@ -374,8 +364,7 @@ async def test_server_keepalive_closes_a_silent_client_and_keeps_live_ones() -> 
         closed.append((reason.code, reason.reason))
 
     with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            server = await start(nursery, watch, ping_interval=0.2, ping_timeout=0.3)
+        async with serving(watch, ping_interval=0.2, ping_timeout=0.3) as server:
             url = f"ws://127.0.0.1:{server.port}/"
             # A live client: its reader answers the server's pings.
             async with open_websocket_url(url, ping_interval=None) as live:
@@ -396,13 +385,14 @@ async def test_server_keepalive_closes_a_silent_client_and_keeps_live_ones() -> 
                 assert live.closed is None
                 assert len(server.connections) == 1
                 await silent.aclose()
-            nursery.cancel_scope.cancel()
 
 
 async def test_a_half_read_request_head_gets_503_at_once_on_shutdown() -> None:
     with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            server = await start(nursery, echo, close_timeout=30, open_timeout=30)
+        async with (
+            serving(echo, close_timeout=30, open_timeout=30) as server,
+            trio.open_nursery() as nursery,
+        ):
             raw = await trio.open_tcp_stream("127.0.0.1", server.port)
             await raw.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n")  # the head never ends
             await trio.testing.wait_all_tasks_blocked(0.05)

@@ -17,8 +17,6 @@ from ._server import WebSocketRequest, WebSocketServer, serve_websocket
 
 __all__ = ["main"]
 
-logger = logging.getLogger("wsnursery.cli")
-
 
 async def echo_handler(request: WebSocketRequest) -> None:
     """Accept, then send every message back as it came (text as text)."""

@@ -311,13 +311,7 @@ class Route:
     template: str
     endpoint: Any
     kind: str  # "handler" (WebSocketHandler), "factory" (its class), "function", "http"
-    pattern: re.Pattern[str] | None = None
-
-    def match(self, path: str) -> dict[str, str] | None:
-        if self.pattern is None:
-            return {} if path == self.template else None
-        found = self.pattern.fullmatch(path)
-        return found.groupdict() if found else None
+    pattern: re.Pattern[str] | None = None  # None: the template is the exact path
 
 
 def compile_route(template: str, endpoint: Any, *, http: bool = False) -> Route:
@@ -352,18 +346,17 @@ class Router:
     """Routes in registration order; exact paths before templates."""
 
     def __init__(self, routes: Sequence[Route]) -> None:
-        self.routes = list(routes)
-        self._exact = {r.template: r for r in reversed(self.routes) if r.pattern is None}
-        self._patterns = [r for r in self.routes if r.pattern is not None]
+        self._exact = {r.template: r for r in reversed(routes) if r.pattern is None}
+        self._patterns = [(r, r.pattern) for r in routes if r.pattern is not None]
 
     def match(self, path: str) -> tuple[Route, dict[str, str]] | None:
         route = self._exact.get(path)
         if route is not None:
             return route, {}
-        for route in self._patterns:
-            params = route.match(path)
-            if params is not None:
-                return route, params
+        for route, pattern in self._patterns:
+            found = pattern.fullmatch(path)
+            if found:
+                return route, found.groupdict()
         return None
 
 

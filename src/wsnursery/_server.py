@@ -20,9 +20,10 @@ import logging
 import math
 import mimetypes
 import ssl
+import sys
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypedDict
 
 import trio
 
@@ -37,6 +38,7 @@ from ._handler import (
     Reject,
     Route,
     WebSocketHandler,
+    _maybe_await,
     build_router,
     parse_cookies,
 )
@@ -45,6 +47,11 @@ from ._headers import HeaderPairs, Headers
 from ._protocol import BoundedPerMessageDeflate, Protocol
 from ._redis import as_backplane
 from ._util import LazyAddresses, collapse_exception_groups, graceful_scope
+
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+else:  # pragma: no cover
+    from typing_extensions import Unpack
 
 __all__ = ["ConnectionRegistry", "WebSocketRequest", "WebSocketServer", "serve_websocket"]
 
@@ -85,13 +92,16 @@ class WebSocketRequest(LazyAddresses):
         stream: trio.abc.Stream,
         handshake: ServerHandshake,
         nursery: trio.Nursery,
+        transport: _Transport,
+        path_params: dict[str, str],
     ) -> None:
         head = handshake.head
         assert head is not None
         self._server = server
         self._stream = stream
         self._handshake = handshake
-        self._nursery = nursery
+        self._nursery = nursery  # the connection's; its deadline is the open_timeout
+        self._transport = transport
         self._head: RequestHead = head
         self.method = head.method
         self.target = head.target
@@ -102,9 +112,7 @@ class WebSocketRequest(LazyAddresses):
         self._addresses: tuple[Any, Any] | None = None
         self.connection: WebSocketConnection | None = None
         self._answered = False
-        self._open_scope: trio.CancelScope | None = None
-        self._transport: _Transport | None = None
-        self.path_params: dict[str, str] = {}
+        self.path_params = path_params
         self.user: Any = None
         self._dispatch = False
 
@@ -193,9 +201,8 @@ class WebSocketRequest(LazyAddresses):
             await conn._write(response)
         except ConnectionClosed as exc:
             raise ConnectionClosed.for_reason(_lost()) from exc.__cause__
-        if self._open_scope is not None:
-            self._open_scope.deadline = math.inf  # the open_timeout no longer applies
-            server._opening.discard(self._open_scope)
+        self._nursery.cancel_scope.deadline = math.inf  # the open_timeout no longer applies
+        server._opening.discard(self._nursery.cancel_scope)
         self.connection = conn
         if self._dispatch:
             conn._nursery = self._nursery  # the client's task reads: see _dispatch
@@ -284,6 +291,35 @@ class ConnectionRegistry(Mapping[str, WebSocketConnection]):
         return True
 
 
+class ServerOptions(TypedDict, total=False):
+    """The keywords :func:`serve_websocket` passes on to :class:`WebSocketServer`.
+
+    For type checkers: the defaults live in ``WebSocketServer.__init__`` only.
+    mypy checks that these types fit it; tests/test_server.py checks that no
+    keyword of it is missing here.
+    """
+
+    http_routes: Mapping[str, HTTPEndpoint] | None
+    authenticator: Authenticator | None
+    allowed_origins: Sequence[str] | None
+    max_message_size: int | None
+    max_queue: int
+    max_connections: int | None
+    max_request_line: int
+    max_header_line: int
+    max_headers: int
+    open_timeout: float | None
+    close_timeout: float | None
+    ping_interval: float | None
+    ping_timeout: float | None
+    compression: bool
+    backplane: Backplane | str | None
+    max_outbox_messages: int
+    max_outbox_bytes: int
+    on_overflow: OverflowPolicy
+    overflow_close_code: int
+
+
 class WebSocketServer:
     """A WebSocket server: listeners, a handler, and every connection it holds.
 
@@ -364,21 +400,17 @@ class WebSocketServer:
         self._stop_requested = trio.Event()
         self._stopped = trio.Event()
         self._idle = trio.Event()
-        self._port: int | None = None
-        if self.listeners:
-            try:
-                self._port = self._find_port()
-            except RuntimeError:
-                pass
+        # Found now: the port is still known once the listeners are closed.
+        self._port = self._find_port()
 
     @property
     def port(self) -> int:
         """The TCP port of the first listener (handy after binding port 0)."""
         if self._port is None:
-            self._port = self._find_port()
+            raise RuntimeError("this server has no TCP listener")
         return self._port
 
-    def _find_port(self) -> int:
+    def _find_port(self) -> int | None:
         for listener in self.listeners:
             inner: Any = listener
             while isinstance(inner, trio.SSLListener):
@@ -388,7 +420,7 @@ class WebSocketServer:
                 name = sock.getsockname()
                 if isinstance(name, tuple):
                     return int(name[1])
-        raise RuntimeError("this server has no TCP listener")
+        return None
 
     @property
     def connections(self) -> ConnectionRegistry:
@@ -540,10 +572,9 @@ class WebSocketServer:
                     else:
                         if plain is None:
                             assert route is not None
-                            request = WebSocketRequest(self, stream, handshake, nursery)
-                            request._open_scope = nursery.cancel_scope
-                            request._transport = transport
-                            request.path_params = params
+                            request = WebSocketRequest(
+                                self, stream, handshake, nursery, transport, params
+                            )
                             accepted = None
                             try:
                                 accepted = await self._serve_request(route, request)
@@ -620,9 +651,7 @@ class WebSocketServer:
         for authenticator in (self.authenticator, getattr(route.endpoint, "authenticator", None)):
             if authenticator is None:
                 continue
-            user = authenticator(request)
-            if inspect.isawaitable(user):
-                user = await user
+            user = await _maybe_await(authenticator(request))
             if user is None:
                 await request.reject(
                     401,
@@ -740,31 +769,9 @@ async def serve_websocket(
     *,
     ssl_context: ssl.SSLContext | None = None,
     unix_socket: str | None = None,
-    http_routes: Mapping[str, HTTPEndpoint] | None = None,
-    authenticator: Authenticator | None = None,
-    allowed_origins: Sequence[str] | None = None,
-    # Limits
-    max_message_size: int | None = 2**20,
-    max_queue: int = 16,
-    max_connections: int | None = 4096,
-    max_request_line: int = 8192,
-    max_header_line: int = 8192,
-    max_headers: int = 128,
-    # Timeouts
-    open_timeout: float | None = 10.0,
-    close_timeout: float | None = 10.0,
-    ping_interval: float | None = 20.0,
-    ping_timeout: float | None = 20.0,
-    # Features
-    compression: bool = True,
     backlog: int | None = None,
-    # Broadcasting
-    backplane: Backplane | str | None = None,
-    max_outbox_messages: int = 1024,
-    max_outbox_bytes: int = 2**20,
-    on_overflow: OverflowPolicy = "drop",
-    overflow_close_code: int = CloseCode.POLICY_VIOLATION,
     task_status: trio.TaskStatus[WebSocketServer] = trio.TASK_STATUS_IGNORED,
+    **options: Unpack[ServerOptions],
 ) -> None:
     """Serve WebSocket connections on ``host:port`` until cancelled.
 
@@ -835,27 +842,27 @@ async def serve_websocket(
         listeners = [
             trio.SSLListener(lst, ssl_context, https_compatible=False) for lst in listeners
         ]
-    server = WebSocketServer(
-        handler,
-        listeners,
-        http_routes=http_routes,
-        authenticator=authenticator,
-        allowed_origins=allowed_origins,
-        max_message_size=max_message_size,
-        max_queue=max_queue,
-        max_connections=max_connections,
-        max_request_line=max_request_line,
-        max_header_line=max_header_line,
-        max_headers=max_headers,
-        open_timeout=open_timeout,
-        close_timeout=close_timeout,
-        ping_interval=ping_interval,
-        ping_timeout=ping_timeout,
-        compression=compression,
-        backplane=backplane,
-        max_outbox_messages=max_outbox_messages,
-        max_outbox_bytes=max_outbox_bytes,
-        on_overflow=on_overflow,
-        overflow_close_code=overflow_close_code,
-    )
+    try:
+        server = WebSocketServer(handler, listeners, **options)
+    except BaseException:  # a bad route, keyword or backplane: do not keep the port bound
+        for listener in listeners:
+            await trio.aclose_forcefully(listener)
+        raise
     await server.run(task_status=task_status)
+
+
+def _serve_websocket_signature() -> inspect.Signature:
+    """serve_websocket's signature as ``help()`` and the docs show it.
+
+    ``**options: Unpack[ServerOptions]`` is what type checkers need, but it hides
+    the defaults, which live in WebSocketServer only: spell its keywords out
+    instead (``task_status`` stays last).
+    """
+    own = inspect.signature(serve_websocket, eval_str=True).parameters
+    server = inspect.signature(WebSocketServer, eval_str=True).parameters
+    head = [p for p in own.values() if p.kind is not p.VAR_KEYWORD and p.name != "task_status"]
+    options = [p for p in server.values() if p.kind is p.KEYWORD_ONLY]
+    return inspect.Signature([*head, *options, own["task_status"]], return_annotation=None)
+
+
+serve_websocket.__signature__ = _serve_websocket_signature()  # type: ignore[attr-defined]

@@ -21,11 +21,9 @@ from typing import Any
 import trio
 import trio.testing
 
-from ._client import client_connection, upgrade
+from ._client import client_connection, client_handshake, upgrade
 from ._connection import WebSocketConnection, _shielded
-from ._handshake import ClientHandshake
 from ._headers import HeaderPairs
-from ._protocol import BoundedPerMessageDeflate
 from ._server import Handler, WebSocketRequest, WebSocketServer
 from ._util import collapse_exception_groups
 
@@ -64,15 +62,13 @@ async def open_handler_client(
     # Keep-alive off on both sides unless asked for (autojump_clock friendly).
     server = WebSocketServer(handler, [], **{"ping_interval": None, **(server_options or {})})
     client_stream, server_stream = trio.testing.memory_stream_pair()
-    extensions = (
-        [BoundedPerMessageDeflate(max_message_size=max_message_size)] if compression else []
-    )
-    handshake = ClientHandshake(
+    handshake = client_handshake(
         "testserver",
         resource,
         subprotocols=subprotocols,
-        extensions=extensions,
         extra_headers=extra_headers,
+        compression=compression,
+        max_message_size=max_message_size,
     )
     with collapse_exception_groups():
         async with trio.open_nursery() as nursery:
