@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-HOST = "127.0.0.1"
+from _helpers import HOST, closed_port
 
 
 def redis_server_binary() -> str:
@@ -34,28 +34,18 @@ def redis_server_binary() -> str:
     return found
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
 class RedisProcess:
     """One redis-server: start, stop (by PID) and start again on the same port."""
 
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self.port = port or free_port()
+        self.port = closed_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = directory / f"redis-{self.port}.log"
 
     @property
     def url(self) -> str:
         return f"redis://{HOST}:{self.port}/0"
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
 
     def start(self, timeout: float = 10.0) -> None:
         assert self.proc is None, "already running"

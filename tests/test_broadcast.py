@@ -28,6 +28,7 @@ from _helpers import (
     OP_TEXT,
     FrameReader,
     assert_no_leftover_tasks,
+    build_frame,
     count_tasks,
     raw_connect,
     wait_until,
@@ -96,8 +97,6 @@ class RawClient:
         return frame.payload.decode()
 
     async def send(self, text: str) -> None:
-        from _helpers import build_frame
-
         await self.stream.send_all(build_frame(OP_TEXT, text.encode()))
 
     async def aclose(self) -> None:

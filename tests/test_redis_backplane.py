@@ -25,7 +25,7 @@ import trio
 import trio_websocket
 
 import wsnursery
-from _helpers import HOST, closed_port, wait_until
+from _helpers import HOST, assert_no_leftover_tasks, closed_port, count_tasks, wait_until
 from _redis import RedisProcess, running_redis, subscribers
 from wsnursery import (
     BackplaneError,
@@ -275,6 +275,42 @@ async def test_a_node_subscribes_only_to_groups_it_has_members_in(redis: RedisPr
             )
 
 
+async def test_a_group_left_or_joined_again_while_its_subscription_is_in_flight(
+    redis: RedisProcess,
+) -> None:
+    """The node's subscriptions end up matching its groups, however they race with Redis."""
+    with trio.fail_after(30):
+        async with two_servers(redis.url) as (s1, s2), AsyncExitStack() as stack:
+            ws, conn_id = await stack.enter_async_context(client(s1.port))
+            conn = s1.connections[conn_id]
+            b = s1.broadcaster
+            backplane = b.backplane
+            assert isinstance(backplane, RedisBackplane)
+            link = backplane._links[b.node_id]
+
+            async def in_flight() -> None:
+                # The subscription loop took the change and waits for Redis's answer.
+                while link.changes:
+                    await trio.lowlevel.checkpoint()
+                assert not link.synced.is_set()
+
+            b.join(conn, "g")
+            await in_flight()
+            b.leave(conn, "g")  # before Redis confirmed the SUBSCRIBE
+            await backplane.wait_synced(b)
+            assert subscribers(redis.port, "wsnursery:group:g") == {"wsnursery:group:g": 0}
+
+            b.join(conn, "h")
+            await backplane.wait_synced(b)
+            b.leave(conn, "h")
+            await in_flight()
+            b.join(conn, "h")  # before Redis confirmed the UNSUBSCRIBE
+            await backplane.wait_synced(b)
+            assert subscribers(redis.port, "wsnursery:group:h") == {"wsnursery:group:h": 1}
+            await s2.broadcaster.send_group("h", "from the other node")
+            assert await ws.get_message() == "from the other node"
+
+
 async def test_events_report_an_outage_and_delivery_resumes(redis: RedisProcess) -> None:
     seen: list[BackplaneEvent] = []
     with trio.fail_after(30):
@@ -342,8 +378,6 @@ async def test_a_full_publish_queue_drops_instead_of_waiting(redis: RedisProcess
 
 
 async def test_standalone_broadcaster_with_redis_and_no_task_left(redis: RedisProcess) -> None:
-    from _helpers import count_tasks
-
     baseline = count_tasks()
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
@@ -358,8 +392,6 @@ async def test_standalone_broadcaster_with_redis_and_no_task_left(redis: RedisPr
                 assert await ws.get_message() == "from a standalone broadcaster"
             await server.aclose()
             nursery.cancel_scope.cancel()
-    from _helpers import assert_no_leftover_tasks
-
     await assert_no_leftover_tasks(baseline)
 
 
@@ -373,7 +405,6 @@ class Node:
         self.proc = proc
         self.port: int = ready["port"]
         self.node_id: str = ready["node"]
-        self.pid: int = ready["pid"]
         self.control: Any = None
 
     async def command(self, **command: Any) -> dict[str, Any]:

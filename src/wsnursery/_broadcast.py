@@ -31,7 +31,7 @@ from __future__ import annotations
 import abc
 import logging
 import secrets
-from collections.abc import AsyncIterator, Collection, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
@@ -153,7 +153,6 @@ class Outbox:
         "lot",
         "nbytes",
         "partial",
-        "writer",
     )
 
     def __init__(self, broadcaster: Broadcaster) -> None:
@@ -163,8 +162,7 @@ class Outbox:
         self.nbytes = 0
         self.partial = False
         self.groups: set[str] = set()
-        self.lot: ParkingLot | None = None
-        self.writer = False
+        self.lot: ParkingLot | None = None  # set once the outbox writer is started
         self.closing = False
 
     def put(self, frame: Frame) -> None:
@@ -289,16 +287,13 @@ class MemoryBackplane(Backplane):
         Cancellation:
             Delivery is synchronous; a cancellation is raised after it.
         """
+        # send_one to an ID that names its node goes to that node only.
+        only = None
+        if envelope.kind == "one" and envelope.target is not None:
+            only = Broadcaster.node_of(envelope.target)
         for node_id, node in list(self._nodes.items()):
-            if node_id == envelope.origin:
-                continue
-            if (
-                envelope.kind == "one"
-                and envelope.target is not None
-                and Broadcaster.node_of(envelope.target) not in (node_id, None)
-            ):
-                continue
-            node.deliver(envelope)
+            if node_id != envelope.origin and only in (node_id, None):
+                node.deliver(envelope)
         await cancel_shielded_checkpoint()
 
 
@@ -364,7 +359,6 @@ class Broadcaster:
         self._dropped = 0
         self._closed = 0
         self._overflow_closes = 0
-        self._nursery: trio.Nursery | None = None
         self._standalone = True
 
     def __repr__(self) -> str:
@@ -445,8 +439,6 @@ class Broadcaster:
         outbox = conn._outbox
         if outbox is not None and outbox.broadcaster is self:
             self._forget(conn, outbox)
-        elif self._standalone:
-            self._connections.pop(conn.id, None)
 
     def join(self, conn: WebSocketConnection, group: str) -> None:
         """Add ``conn`` to ``group`` (made on first member). Joining twice is harmless.
@@ -534,7 +526,9 @@ class Broadcaster:
             final schedule point, or while publishing to the backplane (other
             processes may then not receive it).
         """
-        return await self._send(Envelope("all", _message(message), None, _ids(exclude)))
+        return await self._send(
+            Envelope("all", _message(message), None, _ids(exclude), self.node_id)
+        )
 
     async def send_group(
         self,
@@ -548,7 +542,9 @@ class Broadcaster:
         Cancellation:
             As for :meth:`send_all`.
         """
-        return await self._send(Envelope("group", _message(message), group, _ids(exclude)))
+        return await self._send(
+            Envelope("group", _message(message), group, _ids(exclude), self.node_id)
+        )
 
     async def send_one(
         self,
@@ -565,11 +561,10 @@ class Broadcaster:
             As for :meth:`send_all`.
         """
         conn_id = connection if isinstance(connection, str) else connection.id
-        return await self._send(Envelope("one", _message(message), conn_id))
+        return await self._send(Envelope("one", _message(message), conn_id, origin=self.node_id))
 
     async def _send(self, envelope: Envelope) -> BroadcastReport:
         await checkpoint_if_cancelled()
-        envelope = _with_origin(envelope, self.node_id)
         report = self.deliver(envelope)
         backplane = self.backplane
         if backplane is None or (envelope.kind == "one" and report.recipients):
@@ -663,21 +658,14 @@ class Broadcaster:
         return self._wake(conn, outbox)
 
     def _wake(self, conn: WebSocketConnection, outbox: Outbox) -> int:
-        if outbox.writer:
-            assert outbox.lot is not None
-            outbox.lot.unpark()
+        lot = outbox.lot
+        if lot is not None:
+            lot.unpark()
             return _DELIVERED
-        nursery = conn._nursery
-        if nursery is None:
+        if not _start_soon(conn, _outbox_writer, conn, outbox, name="wsnursery outbox writer"):
             outbox.take()
             return _CLOSED
-        outbox.lot = ParkingLot()
-        try:
-            nursery.start_soon(_outbox_writer, conn, outbox, name="wsnursery outbox writer")
-        except RuntimeError:  # the connection's nursery is closing
-            outbox.take()
-            return _CLOSED
-        outbox.writer = True
+        outbox.lot = ParkingLot()  # the writer reads it when it first runs
         return _DELIVERED
 
     def _overflow(self, conn: WebSocketConnection, outbox: Outbox) -> int:
@@ -693,24 +681,12 @@ class Broadcaster:
             outbox.put(frames[0])
             outbox.partial = True
         logger.info("closing %s: its outbox is full (%d frames)", conn, self.max_outbox_messages)
-        nursery = conn._nursery
-        if nursery is not None:
-            try:
-                nursery.start_soon(
-                    conn.aclose, self.overflow_close_code, self.overflow_close_reason
-                )
-            except RuntimeError:
-                pass
+        _start_soon(conn, conn.aclose, self.overflow_close_code, self.overflow_close_reason)
         return _CLOSED
 
     def _broken(self, conn: WebSocketConnection, exc: BaseException) -> None:
         conn._proto.send_failed(f"transport failed while broadcasting: {exc!r}")
-        nursery = conn._nursery
-        if nursery is not None:
-            try:
-                nursery.start_soon(_shielded, conn._close_transport())
-            except RuntimeError:
-                pass
+        _start_soon(conn, _close_transport_shielded, conn)
 
     # -- statistics ---------------------------------------------------------------
 
@@ -728,6 +704,27 @@ class Broadcaster:
         )
 
 
+def _start_soon(
+    conn: WebSocketConnection,
+    async_fn: Callable[..., Awaitable[object]],
+    *args: object,
+    name: str | None = None,
+) -> bool:
+    """Start a task in ``conn``'s nursery; False when it has none or it is closing."""
+    nursery = conn._nursery
+    if nursery is None:
+        return False
+    try:
+        nursery.start_soon(async_fn, *args, name=name)
+    except RuntimeError:  # the connection's nursery is closing
+        return False
+    return True
+
+
+async def _close_transport_shielded(conn: WebSocketConnection) -> None:
+    await _shielded(conn._close_transport())
+
+
 def _message(message: Message | bytearray | memoryview) -> Message:
     if isinstance(message, str | bytes):
         return message
@@ -738,10 +735,6 @@ def _message(message: Message | bytearray | memoryview) -> Message:
 
 def _ids(exclude: Iterable[WebSocketConnection | str]) -> frozenset[str]:
     return frozenset(c if isinstance(c, str) else c.id for c in exclude)
-
-
-def _with_origin(envelope: Envelope, origin: str) -> Envelope:
-    return Envelope(envelope.kind, envelope.message, envelope.target, envelope.exclude, origin)
 
 
 def _published(report: BroadcastReport) -> BroadcastReport:

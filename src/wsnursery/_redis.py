@@ -63,6 +63,7 @@ __all__ = [
 logger = logging.getLogger("wsnursery.redis")
 
 _INSTALL_HINT = "the Redis backplane needs coredis: pip install wsnursery[redis]"
+_SCHEMES = ("redis", "rediss", "unix")
 
 
 def _import_coredis() -> Any:
@@ -331,8 +332,7 @@ class RedisBackplane(Backplane):
         on_event: Callable[[BackplaneEvent], None] | None = None,
     ) -> None:
         _import_coredis()
-        scheme = urlsplit(url).scheme
-        if scheme not in ("redis", "rediss", "unix"):
+        if urlsplit(url).scheme not in _SCHEMES:
             raise ValueError(f"a Redis URL starts with redis://, rediss:// or unix://, not {url!r}")
         if not namespace:
             raise ValueError("namespace must not be empty")
@@ -491,14 +491,13 @@ class RedisBackplane(Backplane):
             self._want(link, group, False)
 
     def _want(self, link: _Link, group: str, subscribed: bool) -> None:
-        if (group in link.subscribed) == subscribed:
-            link.changes.pop(group, None)
-        else:
-            link.changes[group] = subscribed
-        if link.changes:
-            if link.synced.is_set():
-                link.synced = trio.Event()
-            link.changed.set()
+        # The latest wish for the group. The subscription loop compares it with
+        # link.subscribed when it takes it, not now: a SUBSCRIBE or UNSUBSCRIBE
+        # of this group may be in flight, and link.subscribed changes after it.
+        link.changes[group] = subscribed
+        if link.synced.is_set():
+            link.synced = trio.Event()
+        link.changed.set()
 
     async def publish(self, broadcaster: Broadcaster, envelope: Envelope) -> None:
         """Queue ``envelope`` for the other nodes and return without waiting for Redis.
@@ -513,13 +512,15 @@ class RedisBackplane(Backplane):
             after that.
         """
         link = self._links.get(broadcaster.node_id)
-        if link is None:
-            await cancel_shielded_checkpoint()
-            return
+        if link is not None:
+            self._queue(link, envelope)
+        await cancel_shielded_checkpoint()
+
+    def _queue(self, link: _Link, envelope: Envelope) -> None:
+        """Queue ``envelope`` for the publisher, or count it dropped."""
         if not link.connected:
             link.dropped += 1
             link.dropped_since_down += 1
-            await cancel_shielded_checkpoint()
             return
         data = encode_envelope(envelope)
         if (
@@ -535,12 +536,10 @@ class RedisBackplane(Backplane):
                     len(link.pending),
                     link.dropped,
                 )
-            await cancel_shielded_checkpoint()
             return
         link.pending.append((self.channel_for(envelope), data))
         link.pending_bytes += len(data)
         link.publisher_lot.unpark()
-        await cancel_shielded_checkpoint()
 
     async def serve(
         self,
@@ -576,18 +575,11 @@ class RedisBackplane(Backplane):
         """
         deadline = trio.current_time() + self.connect_timeout
         delay = self.reconnect_delay
-        started = False
-
-        def up() -> None:
-            nonlocal started
-            started = True
-            task_status.started()
-
         while True:
             try:
-                await _plain(self._session(link, up, deadline))
+                await _plain(self._session(link, deadline, task_status))
             except Exception as exc:
-                if started:
+                if link.connected:  # it came up, then failed
                     self._lost(link, exc)
                     return
                 now = trio.current_time()
@@ -608,16 +600,10 @@ class RedisBackplane(Backplane):
         while True:
             logger.info("node %s: reconnecting to Redis in %.2g s", link.node_id, delay)
             await trio.sleep(delay)
-            was_up = False
-
-            def up() -> None:
-                nonlocal was_up
-                was_up = True
-
             try:
-                await _plain(self._session(link, up, trio.current_time() + self.connect_timeout))
+                await _plain(self._session(link, trio.current_time() + self.connect_timeout))
             except Exception as exc:
-                if was_up:
+                if link.connected:  # it came up, then failed
                     self._lost(link, exc)
                     delay = self.reconnect_delay
                 else:
@@ -676,15 +662,23 @@ class RedisBackplane(Backplane):
 
     # -- one connected session -----------------------------------------------------------
 
-    async def _session(self, link: _Link, up: Callable[[], None], deadline: float) -> None:
-        """Connect, subscribe, call ``up``, then run until the link fails (raises)."""
+    async def _session(
+        self,
+        link: _Link,
+        deadline: float,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Connect and subscribe by ``deadline``, report started, then run until the link fails.
+
+        Ends only by raising. Commands after the start (``SUBSCRIBE``, the
+        health check's ``PING``) wait up to ``command_timeout`` for an answer.
+        """
         redis = _import_coredis()
         no_retry = redis.retry.NoRetryPolicy()
-        timeout = max(deadline - trio.current_time(), 0.001)
         client: coredis.Redis[bytes] = redis.Redis.from_url(
             self.url,
             decode_responses=False,
-            connect_timeout=timeout,
+            connect_timeout=self.connect_timeout,
             stream_timeout=self.command_timeout,
             retry_policy=no_retry,
             verify_version=False,
@@ -694,7 +688,7 @@ class RedisBackplane(Backplane):
                 pubsub = client.pubsub(
                     ignore_subscribe_messages=True,
                     retry_policy=no_retry,
-                    subscription_timeout=timeout,
+                    subscription_timeout=self.command_timeout,
                     max_idle_seconds=self.health_check_interval,
                 )
                 async with pubsub:
@@ -706,13 +700,11 @@ class RedisBackplane(Backplane):
                         *(self._group_channel(g) for g in groups),
                     )
                     connecting.deadline = math.inf
-                    # Groups joined or left while subscribing: the subscription loop's work.
-                    now = set(link.broadcaster.groups)
+                    # Groups joined or left since the snapshot are in link.changes:
+                    # the subscription loop's work.
                     link.subscribed = groups
-                    link.changes = dict.fromkeys(now - groups, True)
-                    link.changes.update((g, False) for g in groups - now)
                     self._came_up(link)
-                    up()
+                    task_status.started()
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._receive_loop, link, pubsub)
                         nursery.start_soon(self._subscription_loop, link, pubsub)
@@ -881,7 +873,7 @@ def as_backplane(backplane: Backplane | str | None) -> Backplane | None:
     if backplane is None or isinstance(backplane, Backplane):
         return backplane
     if isinstance(backplane, str):
-        if urlsplit(backplane).scheme in ("redis", "rediss", "unix"):
+        if urlsplit(backplane).scheme in _SCHEMES:
             return RedisBackplane(backplane)
         raise ValueError(
             f"backplane must be a Backplane or a redis://, rediss:// or unix:// URL, "
