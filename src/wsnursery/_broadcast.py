@@ -209,10 +209,7 @@ async def _outbox_writer(conn: WebSocketConnection, outbox: Outbox) -> None:
             if not outbox.frames:
                 await lot.park()
                 continue
-            lock = conn._send_lock
-            if lock is None:
-                lock = conn._send_lock = trio.StrictFIFOLock()
-            async with lock:
+            async with conn._writing_lock():
                 if outbox.frames and not conn._transport_closed:
                     await conn._transmit(outbox.take())
     except ConnectionClosed:
@@ -675,12 +672,17 @@ class Broadcaster:
         # already partly written (the stream must stay in sync for the close frame).
         self._overflow_closes += 1
         outbox.closing = True
+        logger.info(
+            "closing %s: its outbox is full (%d frames, %d bytes)",
+            conn,
+            outbox.count,
+            outbox.nbytes,
+        )
         partial = outbox.partial
         frames = outbox.take()
         if partial:
             outbox.put(frames[0])
             outbox.partial = True
-        logger.info("closing %s: its outbox is full (%d frames)", conn, self.max_outbox_messages)
         _start_soon(conn, conn.aclose, self.overflow_close_code, self.overflow_close_reason)
         return _CLOSED
 

@@ -658,8 +658,7 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
             if sent != _frame_size(data):
                 await self._finish_send(data, sent)
             return
-        if lock is None:
-            lock = self._send_lock = trio.StrictFIFOLock()
+        lock = self._writing_lock()
         await lock.acquire()  # cancelled while queued: nothing framed, nothing lost
         try:
             if self._transport_closed:
@@ -673,13 +672,18 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
         finally:
             lock.release()
 
+    def _writing_lock(self) -> trio.StrictFIFOLock:
+        """The lock held by whoever writes frames, made on first need."""
+        lock = self._send_lock
+        if lock is None:
+            lock = self._send_lock = trio.StrictFIFOLock()
+        return lock
+
     async def _finish_send(self, data: Frame, sent: int) -> None:
         """Write the rest of a frame the socket took only part of, holding the lock."""
         whole = b"".join(data) if isinstance(data, list) else data
         rest = memoryview(whole)[sent:] if sent else whole
-        lock = self._send_lock
-        if lock is None:
-            lock = self._send_lock = trio.StrictFIFOLock()
+        lock = self._writing_lock()
         lock.acquire_nowait()  # free: nothing was awaited since the check
         try:
             await self._transmit(rest)
