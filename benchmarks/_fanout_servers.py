@@ -5,7 +5,8 @@ Run as ``python benchmarks/_fanout_servers.py KIND --port P --clients N --messag
 RLIMIT_NOFILE, listens on 127.0.0.1 and prints ``READY <port>``.  Then:
 
 1. it waits for a line ``GO`` on stdin (the benchmark sends it once the load generator has
-   all N connections open), then until N WebSocket connections are registered on its side;
+   all N connections open), then until N WebSocket connections are registered on its side
+   (the end of stdin, at any time, stops it: it never outlives the benchmark);
 2. it sends M binary messages of S bytes to all of them, one library call (one ``await``)
    per message, message ``i`` carrying ``i`` in its first 8 bytes (big-endian);
 3. it prints ``DONE <json>`` (elapsed time, CPU, per-kind figures such as the summed
@@ -301,14 +302,6 @@ async def serve(a: argparse.Namespace) -> None:
     progress = {"calls": 0, "done": False}
 
     async def fan_out(send: Any) -> None:
-        stdin = trio.lowlevel.FdStream(os.dup(0))
-        line = b""
-        while not line.endswith(b"\n"):
-            data = await stdin.receive_some(64)
-            if not data:
-                return  # the benchmark went away
-            line += data
-        await stdin.aclose()
         with trio.move_on_after(30):
             await run.enough.wait()
         if not run.enough.is_set():
@@ -336,11 +329,22 @@ async def serve(a: argparse.Namespace) -> None:
             doc["stats"] = run.extra["stats"]()
         emit("DONE", doc)
 
+    async def read_stdin(nursery: Any, send: Any) -> None:
+        """The first line (GO) starts the fan-out; the end of stdin means the benchmark
+        went away (even killed): stop, rather than outlive it."""
+        async with trio.lowlevel.FdStream(os.dup(0)) as stdin:
+            started = False
+            while data := await stdin.receive_some(64):
+                if not started and b"\n" in data:
+                    started = True
+                    nursery.start_soon(fan_out, send)
+        nursery.cancel_scope.cancel()
+
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             port, send = await SETUP[a.kind](run, a, nursery)
             print(f"READY {port}", flush=True)
-            nursery.start_soon(fan_out, send)
+            nursery.start_soon(read_stdin, nursery, send)
             async for _ in signals:
                 if not progress["done"]:
                     doc = {"calls": progress["calls"], "connections": len(run.conns)}

@@ -131,9 +131,7 @@ async def serve_raw(port: int, task_status) -> None:  # type: ignore[no-untyped-
             while True:
                 try:
                     sock, _ = lsock.accept()
-                except BlockingIOError:
-                    break
-                except OSError:
+                except OSError:  # BlockingIOError included: nothing more to accept now
                     break
                 sock.setblocking(False)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -115,18 +115,10 @@ def node_main(a: argparse.Namespace) -> None:
             print("DONE " + json.dumps(result), flush=True)
             while await stdin.receive_some(64):
                 pass  # until stdin closes
-            if backplane is not None:
-                print("STATS " + json.dumps(_asdict(backplane.stats())), flush=True)
             await server.aclose()
             nursery.cancel_scope.cancel()
 
     trio.run(main)
-
-
-def _asdict(obj: Any) -> dict[str, Any]:
-    import dataclasses
-
-    return dataclasses.asdict(obj)
 
 
 # --------------------------------------------------------------------------- processes
@@ -281,11 +273,11 @@ def run_fanout(a: argparse.Namespace, redis_url: str | None) -> dict[str, Any]:
             "sender": done,
             "node_cpu_s": {k: cpu1[k] - cpu0[k] for k in cpu0},
         }
-        for n, *_ in nodes:
-            n.stop()
         return out
     finally:
-        for p in procs:
+        # The load generators first: a node's server.aclose() would otherwise wait out the
+        # closing handshake of every connection (the load side reads only its stdin by then).
+        for p in reversed(procs):
             p.stop()
 
 

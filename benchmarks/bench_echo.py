@@ -15,6 +15,7 @@ All traffic goes to 127.0.0.1; every phase is bounded in time.  See benchmarks/R
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import platform
@@ -63,6 +64,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _die_with_parent() -> None:
+    """In the server process before exec: SIGTERM when this benchmark dies, even killed,
+    so that no server outlives it (PR_SET_PDEATHSIG)."""
+    _libc.prctl(1, signal.SIGTERM)
+
+
 def others_cpu_seconds(exclude: set[int]) -> dict[int, tuple[str, float]]:
     """(command, CPU seconds so far) of every process on the machine except `exclude`."""
     tck = os.sysconf("SC_CLK_TCK")
@@ -100,6 +110,7 @@ class Server:
             stdout=subprocess.PIPE,
             stderr=self._logf,
             stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
         )
         self.pid = self.proc.pid
         assert self.proc.stdout is not None
@@ -302,36 +313,29 @@ def report(results: dict, args: argparse.Namespace) -> None:
         noisy = {k for k in kinds if (get(results, k, *path[:-1], "other_cpu") or 0) > NOISY}
         return name, {k: get(results, k, *path) for k in kinds}, noisy
 
-    print_table(
-        "Echo ping-pong throughput, messages/s (higher is better)",
-        [
-            row(f"{fmt_size(s)} x {c} conn", "echo", f"{s}x{c}", "msg_per_s")
-            for s in args.sizes
-            for c in args.conns
-        ],
-        kinds,
-        ",.0f",
-    )
-    print_table(
-        "Server CPU per message, µs (lower is better; the 64-connection rows are the ones to compare)",
-        [
-            row(f"{fmt_size(s)} x {c} conn", "echo", f"{s}x{c}", "server_us_per_msg")
-            for s in args.sizes
-            for c in args.conns
-        ],
-        kinds,
-        ",.1f",
-    )
-    print_table(
-        "Server page faults per message (fresh memory touched; ~256 per MiB = every page new)",
-        [
-            row(f"{fmt_size(s)} x {c} conn", "echo", f"{s}x{c}", "server_minflt_per_msg")
-            for s in args.sizes
-            for c in args.conns
-        ],
-        kinds,
-        ",.1f",
-    )
+    for title, key, fmt in (
+        ("Echo ping-pong throughput, messages/s (higher is better)", "msg_per_s", ",.0f"),
+        (
+            "Server CPU per message, µs (lower is better; the 64-connection rows are the ones to compare)",
+            "server_us_per_msg",
+            ",.1f",
+        ),
+        (
+            "Server page faults per message (fresh memory touched; ~256 per MiB = every page new)",
+            "server_minflt_per_msg",
+            ",.1f",
+        ),
+    ):
+        print_table(
+            title,
+            [
+                row(f"{fmt_size(s)} x {c} conn", "echo", f"{s}x{c}", key)
+                for s in args.sizes
+                for c in args.conns
+            ],
+            kinds,
+            fmt,
+        )
     if 1 in args.conns:
         s0 = min(args.sizes)
         print_table(

@@ -108,21 +108,10 @@ def run_once(
     """One server process, one load process, one fan-out. Returns the load side's JSON + more."""
     tag = f"{kind}-{'stall-' + policy if stall else 'plain'}"
     port = free_port()
-    server_cmd = [
-        sys.executable,
-        str(HERE / "_fanout_servers.py"),
-        kind,
-        "--port",
-        str(port),
-        "--clients",
-        str(args.clients),
-        "--messages",
-        str(messages),
-        "--size",
-        str(args.size),
-        "--policy",
-        policy,
-    ]
+    shared = ["--port", str(port), "--clients", str(args.clients)]
+    shared += ["--messages", str(messages), "--size", str(args.size)]
+    server_cmd = [sys.executable, str(HERE / "_fanout_servers.py"), kind, *shared]
+    server_cmd += ["--policy", policy]
     if not args.no_pin:
         server_cmd += ["--cpu", str(args.server_cpu)]
     if args.max_outbox_messages is not None:
@@ -146,14 +135,7 @@ def run_once(
             load_cmd = [
                 sys.executable,
                 str(HERE / "_fanout_load.py"),
-                "--port",
-                str(port),
-                "--clients",
-                str(args.clients),
-                "--messages",
-                str(messages),
-                "--size",
-                str(args.size),
+                *shared,
                 "--server-pid",
                 str(server.pid),
                 "--stall-timeout",
@@ -242,7 +224,7 @@ def table(head: list[str], rows: list[list[str]]) -> None:
         )
 
 
-def check_ok(r: dict, messages: int) -> str:
+def check_ok(r: dict) -> str:
     if r.get("error"):
         return "ERROR"
     if r.get("complete_clients") == r.get("reading_clients") and r.get("in_order"):
@@ -291,7 +273,7 @@ def report_plain(results: dict, args: argparse.Namespace) -> None:
                 fmt(b.get("server_us_per_msg"), ".2f"),
                 fmt(srv.get("send_seconds"), ".3f"),
                 f"{b.get('min_per_client', 0)}–{b.get('max_per_client', 0)}" if b else "",
-                check_ok(b, args.messages) if b else r.get("error", "ERROR"),
+                check_ok(b) if b else r.get("error", "ERROR"),
             ]
         )
     table(head, rows)
@@ -361,7 +343,7 @@ def report_stall(results: dict, args: argparse.Namespace) -> None:
                 if calls is not None and calls < m:
                     got += f"; the server's call {calls + 1:,} never returned"
             else:
-                got = check_ok(s, m)
+                got = check_ok(s)
             noisy = "*" if (s.get("other_cpu") or 0) > NOISY else ""
             rows.append(
                 [
@@ -473,10 +455,20 @@ def main() -> None:
                 f"({r.get('min_per_client', 0):,}–{r.get('max_per_client', 0):,} per client)"
             )
         else:
-            desc = f"{fmt(r.get('msg_per_s'))} msg/s, {check_ok(r, args.messages)}"
+            desc = f"{fmt(r.get('msg_per_s'))} msg/s, {check_ok(r)}"
         if "stalled" in r:
             desc += f"; stalled client: {stalled_outcome(r)}"
         print(f"    {what}: {desc}", flush=True)
+
+    def best_of(kind: str, what: str, **opts: Any) -> tuple[list[dict], dict]:
+        """args.repeat runs, and the fastest complete one (else the last)."""
+        runs = []
+        for i in range(args.repeat):
+            r = run_once(kind, args, logdir, messages=args.messages, **opts)
+            runs.append(r)
+            progress(f"{what}run {i + 1}", r)
+        ok = [r for r in runs if r.get("msg_per_s")]
+        return runs, max(ok, key=lambda r: r["msg_per_s"]) if ok else runs[-1]
 
     try:
         for kind in kinds:
@@ -489,40 +481,19 @@ def main() -> None:
             out: dict = {"label": LABEL[kind]}
             results[kind] = out
             if not args.stall:
-                runs = []
-                for i in range(args.repeat):
-                    r = run_once(kind, args, logdir, messages=args.messages, stall=False)
-                    runs.append(r)
-                    progress(f"run {i + 1}", r)
-                out["runs"] = runs
-                ok = [r for r in runs if r.get("msg_per_s")]
-                out["best"] = max(ok, key=lambda r: r["msg_per_s"]) if ok else runs[-1]
+                out["runs"], out["best"] = best_of(kind, "", stall=False)
                 continue
             wsn = kind.startswith("wsnursery")
             if wsn and not args.no_baseline:
-                runs = []
-                for i in range(args.repeat):
-                    r = run_once(kind, args, logdir, messages=args.messages, stall=False)
-                    runs.append(r)
-                    progress(f"no stall, run {i + 1}", r)
-                ok = [r for r in runs if r.get("msg_per_s")]
-                out["baseline"] = max(ok, key=lambda r: r["msg_per_s"]) if ok else runs[-1]
+                _, out["baseline"] = best_of(kind, "no stall, ", stall=False)
             out["stall"] = {}
             for policy in policies if wsn else ["-"]:
-                runs = []
-                for i in range(args.repeat):
-                    r = run_once(
-                        kind,
-                        args,
-                        logdir,
-                        messages=args.messages,
-                        stall=True,
-                        policy=policy if wsn else "drop",
-                    )
-                    runs.append(r)
-                    progress(f"stalled client{', ' + policy if wsn else ''}, run {i + 1}", r)
-                ok = [r for r in runs if r.get("msg_per_s")]
-                out["stall"][policy] = max(ok, key=lambda r: r["msg_per_s"]) if ok else runs[-1]
+                _, out["stall"][policy] = best_of(
+                    kind,
+                    f"stalled client{', ' + policy if wsn else ''}, ",
+                    stall=True,
+                    policy=policy if wsn else "drop",
+                )
     except KeyboardInterrupt:
         print("interrupted; reporting what ran", flush=True)
     elapsed = time.monotonic() - t_start

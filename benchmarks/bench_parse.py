@@ -37,28 +37,12 @@ from wsproto.events import BytesMessage, Message, TextMessage
 
 ORIGINAL_MASKER = wfp.XorMaskerSimple  # before anything (wsnursery) replaces it
 
-MASK = b"\x37\xfa\x21\x3d"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _loadgen import mask_bytes, ws_header  # noqa: E402
+from bench_echo import fmt_size  # noqa: E402
+
 MAX_MESSAGE_SIZE = 16 * 1024 * 1024
-
-
-def mask_bytes(data: bytes, key: bytes = MASK) -> bytes:
-    if not data:
-        return b""
-    n = len(data)
-    rep = (key * (n // 4 + 1))[:n]
-    return (int.from_bytes(data, "big") ^ int.from_bytes(rep, "big")).to_bytes(n, "big")
-
-
-def header(opcode: int, length: int, masked: bool) -> bytes:
-    b0 = 0x80 | opcode
-    m = 0x80 if masked else 0
-    if length < 126:
-        h = bytes((b0, m | length))
-    elif length < 65536:
-        h = bytes((b0, m | 126)) + length.to_bytes(2, "big")
-    else:
-        h = bytes((b0, m | 127)) + length.to_bytes(8, "big")
-    return h + MASK if masked else h
 
 
 def make_payload(size: int, text: bool) -> bytes:
@@ -81,14 +65,12 @@ class Impl:
         raise NotImplementedError
 
     def setup(self) -> None:
-        pass
+        """Before make(): wsproto's own pure-Python masker, unless the class says otherwise."""
+        wfp.XorMaskerSimple = ORIGINAL_MASKER  # type: ignore[misc]
 
 
 class WsprotoConnection(Impl):
     name = "wsproto Connection"
-
-    def setup(self) -> None:
-        wfp.XorMaskerSimple = ORIGINAL_MASKER  # type: ignore[misc]
 
     def make(self):  # type: ignore[no-untyped-def]
         conn = Connection(ConnectionType.SERVER)
@@ -118,9 +100,6 @@ class WsprotoConnection(Impl):
 
 class WsprotoFrameProtocol(Impl):
     name = "wsproto FrameProtocol"
-
-    def setup(self) -> None:
-        wfp.XorMaskerSimple = ORIGINAL_MASKER  # type: ignore[misc]
 
     def make(self):  # type: ignore[no-untyped-def]
         proto = wfp.FrameProtocol(client=False, extensions=[])
@@ -237,9 +216,8 @@ def best_per_call(fn: Callable[[], None], target: float, repeat: int) -> float:
     """Seconds per call: calibrate a batch to ~target seconds, best of `repeat` batches."""
     t = time.perf_counter()
     fn()
-    one = max(time.perf_counter() - t, 1e-7)
-    calls[0] += 1 + n_calls(target, one) * repeat
-    n = n_calls(target, one)
+    n = n_calls(target, max(time.perf_counter() - t, 1e-7))
+    calls[0] += 1 + n * repeat
     best = float("inf")
     for _ in range(repeat):
         t = time.perf_counter()
@@ -251,8 +229,8 @@ def best_per_call(fn: Callable[[], None], target: float, repeat: int) -> float:
 
 def bench_impl(impl: Impl, size: int, text: bool, chunk: int, target: float, repeat: int) -> dict:
     payload = make_payload(size, text)
-    frame = header(1 if text else 2, size, True) + mask_bytes(payload)
-    expected_reply = header(1 if text else 2, size, False) + payload
+    frame = ws_header(1 if text else 2, size, True) + mask_bytes(payload)
+    expected_reply = ws_header(1 if text else 2, size, False) + payload
     chunks = [frame[i : i + chunk] for i in range(0, len(frame), chunk)] if chunk else [frame]
     expected_msg = payload.decode() if text else payload
 
@@ -292,14 +270,6 @@ def bench_impl(impl: Impl, size: int, text: bool, chunk: int, target: float, rep
 
 
 calls = [0]  # calls made by best_per_call, for page faults per message
-
-
-def fmt_size(n: int) -> str:
-    if n >= 1 << 20 and n % (1 << 20) == 0:
-        return f"{n >> 20} MiB"
-    if n >= 1 << 10 and n % (1 << 10) == 0:
-        return f"{n >> 10} KiB"
-    return f"{n} B"
 
 
 IMPLS: dict[str, type[Impl]] = {

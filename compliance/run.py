@@ -46,6 +46,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
@@ -312,7 +313,7 @@ def prepare_outdir(outdir: Path) -> None:
     outdir.mkdir(parents=True, exist_ok=True)
 
 
-def child_env(python: str) -> dict[str, str]:
+def child_env() -> dict[str, str]:
     env = dict(os.environ)
     src = str(REPO / "src")
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -358,9 +359,56 @@ def write_spec(outdir: Path, spec: dict[str, Any], cases: list[str], exclude: li
     return path
 
 
+def spawn(
+    cmd: list[str],
+    log_path: Path,
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    *,
+    show_cmd: bool = False,
+) -> subprocess.Popen[Any]:
+    """Start CMD with its output (and, with SHOW_CMD, the command line first) in LOG_PATH."""
+    with open(log_path, "w", encoding="utf-8") as out:
+        if show_cmd:
+            out.write(f"$ {shlex.join(cmd)}\n")
+            out.flush()
+        return subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+            env=env,
+            cwd=cwd,
+        )
+
+
+def start_listening(
+    what: str, log_path: Path, launch: Callable[[int], subprocess.Popen[Any]]
+) -> tuple[subprocess.Popen[Any], int]:
+    """launch(port) on a free port until the process listens there; another port if
+    someone took it between our probe and the bind (a port clash in LOG_PATH)."""
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        port = free_port()
+        proc = launch(port)
+        try:
+            if wait_listening(proc, port, LISTEN_WAIT_S):
+                return proc, port
+        except BaseException:  # Stop or Ctrl-C while waiting: stop what we started
+            stop(proc)
+            raise
+        rc = stop(proc)
+        if not (port_clash(log_path) and attempt < PORT_ATTEMPTS):
+            raise RunError(
+                f"{what} did not listen on {HOST}:{port} within {LISTEN_WAIT_S} s"
+                f" (exit status {rc}); last lines of {log_path}:\n{tail(log_path)}"
+            )
+    raise AssertionError("unreachable")
+
+
 def run_server_suite(args: argparse.Namespace, outdir: Path) -> tuple[int | None, float, str]:
     """Returns (expected case count, wall time of the wstest run, extra summary fields)."""
-    env = child_env(args.python)
+    env = child_env()
     if args.server_cmd is None:
         where = check_wsnursery(args.python, env)
         template = [
@@ -383,35 +431,15 @@ def run_server_suite(args: argparse.Namespace, outdir: Path) -> tuple[int | None
     wstest: subprocess.Popen[Any] | None = None
     server_log = outdir / "server.log"
     wstest_log = outdir / "wstest.log"
+
+    def launch_server(port: int) -> subprocess.Popen[Any]:
+        cmd = [
+            part.replace("{port}", str(port)).replace("{python}", args.python) for part in template
+        ]
+        return spawn(cmd, server_log, outdir, env, show_cmd=True)
+
     try:
-        for attempt in range(1, PORT_ATTEMPTS + 1):
-            port = free_port()
-            cmd = [
-                part.replace("{port}", str(port)).replace("{python}", args.python)
-                for part in template
-            ]
-            with open(server_log, "w", encoding="utf-8") as out:
-                out.write(f"$ {shlex.join(cmd)}\n")
-                out.flush()
-                server = subprocess.Popen(
-                    cmd,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    preexec_fn=_die_with_parent,
-                    env=env,
-                    cwd=outdir,
-                )
-            if wait_listening(server, port, LISTEN_WAIT_S):
-                break
-            rc = stop(server)
-            server = None
-            if rc is not None and port_clash(server_log) and attempt < PORT_ATTEMPTS:
-                continue  # someone took the port between our probe and the server's bind
-            raise RunError(
-                f"the server did not listen on {HOST}:{port} within {LISTEN_WAIT_S} s"
-                f" (exit status {rc}); last lines of {server_log}:\n{tail(server_log)}"
-            )
+        server, port = start_listening("the server", server_log, launch_server)
         url = f"ws://{HOST}:{port}"
         spec = write_spec(
             outdir,
@@ -421,15 +449,9 @@ def run_server_suite(args: argparse.Namespace, outdir: Path) -> tuple[int | None
         )
         log("server", f"running the {args.mode} suite against {what} at {url}; report in {outdir}")
         start = time.monotonic()
-        with open(wstest_log, "w", encoding="utf-8") as out:
-            wstest = subprocess.Popen(
-                [str(args.wstest), "-m", "fuzzingclient", "-s", str(spec)],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
-                cwd=outdir,
-            )
+        wstest = spawn(
+            [str(args.wstest), "-m", "fuzzingclient", "-s", str(spec)], wstest_log, outdir
+        )
         cpu_before = reaped_cpu_seconds()
         try:
             wstest_rc: int | None = wstest.wait(args.timeout)
@@ -440,7 +462,6 @@ def run_server_suite(args: argparse.Namespace, outdir: Path) -> tuple[int | None
             ) from None
         wall = time.monotonic() - start
         wstest = None
-        assert server is not None
         wstest_cpu = reaped_cpu_seconds() - cpu_before
         server_alive = server.poll() is None
         server_cpu = cpu_seconds(server)
@@ -465,7 +486,7 @@ def run_server_suite(args: argparse.Namespace, outdir: Path) -> tuple[int | None
 
 
 def run_client_suite(args: argparse.Namespace, outdir: Path) -> tuple[int | None, float, str]:
-    env = child_env(args.python)
+    env = child_env()
     if args.client_cmd is None:
         where = check_wsnursery(args.python, env)
         base_cmd = [args.python, str(HERE / "client.py")]
@@ -477,56 +498,20 @@ def run_client_suite(args: argparse.Namespace, outdir: Path) -> tuple[int | None
     client: subprocess.Popen[Any] | None = None
     wstest_log = outdir / "wstest.log"
     client_log = outdir / "client.log"
+
+    def launch_wstest(port: int) -> subprocess.Popen[Any]:
+        spec = write_spec(outdir, {"url": f"ws://{HOST}:{port}"}, args.case_list, args.exclude_list)
+        cmd = [str(args.wstest_python), str(HERE / "wstest_loopback.py")]
+        return spawn([*cmd, "-m", "fuzzingserver", "-s", str(spec), "-u", "0"], wstest_log, outdir)
+
     try:
-        for attempt in range(1, PORT_ATTEMPTS + 1):
-            port = free_port()
-            url = f"ws://{HOST}:{port}"
-            spec = write_spec(outdir, {"url": url}, args.case_list, args.exclude_list)
-            with open(wstest_log, "w", encoding="utf-8") as out:
-                wstest = subprocess.Popen(
-                    [
-                        str(args.wstest_python),
-                        str(HERE / "wstest_loopback.py"),
-                        "-m",
-                        "fuzzingserver",
-                        "-s",
-                        str(spec),
-                        "-u",
-                        "0",
-                    ],
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    preexec_fn=_die_with_parent,
-                    cwd=outdir,
-                )
-            if wait_listening(wstest, port, LISTEN_WAIT_S):
-                break
-            rc = stop(wstest)
-            wstest = None
-            if port_clash(wstest_log) and attempt < PORT_ATTEMPTS:
-                continue
-            raise RunError(
-                f"wstest fuzzingserver did not listen on {url} within {LISTEN_WAIT_S} s"
-                f" (exit status {rc}); last lines of {wstest_log}:\n{tail(wstest_log)}"
-            )
+        wstest, port = start_listening("wstest fuzzingserver", wstest_log, launch_wstest)
+        url = f"ws://{HOST}:{port}"
         log(
             "client", f"running the {args.mode} suite against {what} with {url}; report in {outdir}"
         )
         start = time.monotonic()
-        cmd = [*base_cmd, url, args.agent]
-        with open(client_log, "w", encoding="utf-8") as out:
-            out.write(f"$ {shlex.join(cmd)}\n")
-            out.flush()
-            client = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
-                env=env,
-                cwd=outdir,
-            )
+        client = spawn([*base_cmd, url, args.agent], client_log, outdir, env, show_cmd=True)
         cpu_before = reaped_cpu_seconds()
         try:
             client_rc: int | None = client.wait(args.timeout)
@@ -550,7 +535,6 @@ def run_client_suite(args: argparse.Namespace, outdir: Path) -> tuple[int | None
                 control(url, f"/updateReports?agent={args.agent}")
             except (OSError, ValueError, EOFError) as exc:
                 log("client", f"warning: /updateReports failed: {exc!r}")
-        assert wstest is not None
         wstest_cpu = cpu_seconds(wstest)
         wstest_rc = stop(wstest)
         wstest = None
@@ -679,12 +663,13 @@ def main(argv: list[str] | None = None) -> int:
         return 3
 
     with open(outdir / "summary.txt", "w", encoding="utf-8") as text:
+        out = Tee(sys.stdout, text)
         status, result = summarize(
             str(outdir / "index.json"),
             side,
             args.agent,
             expect,
-            out=Tee(sys.stdout, text),
+            out=out,
             expected_ids=cases_from_log(str(outdir / "wstest.log")),
         )
         n_unclean = sum(len(a["unclean_close"]) for a in result.get("agents", {}).values())
@@ -694,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
             f"reported={reported} unclean_close={n_unclean} wall={wall:.1f}s {extra} "
             f"report={outdir / 'index.html'}"
         )
-        print(final, file=Tee(sys.stdout, text), flush=True)
+        print(final, file=out, flush=True)
     result.update(
         side=side,
         mode=args.mode,
