@@ -57,10 +57,10 @@ from ._exceptions import (
 from ._headers import HeaderPairs
 from ._protocol import ProtocolState
 from ._tls import SYSTEM, StrPath, TrustStore
-from ._util import graceful_scope
+from ._util import collapse_exception_groups, graceful_scope
 
 if sys.version_info < (3, 11):  # pragma: no cover
-    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
+    pass  # type: ignore[import-not-found,unused-ignore]
 
 __all__ = [
     "Backoff",
@@ -972,33 +972,6 @@ class _EventIterator:
         return await self._client._next_event()
 
 
-@contextmanager
-def _one_exception() -> Iterator[None]:
-    """A group whose leaves are all one exception object is that exception.
-
-    That covers what ``collapse_exception_groups`` does (a group of a single
-    exception, nested or not) and also the give-up error raised in several
-    waiting tasks at once.
-    """
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        leaves: list[BaseException] = []
-
-        def walk(exc: BaseException) -> None:
-            if isinstance(exc, BaseExceptionGroup):
-                for inner in exc.exceptions:
-                    walk(inner)
-            else:
-                leaves.append(exc)
-
-        walk(group)
-        if not leaves or any(leaf is not leaves[0] for leaf in leaves):
-            raise
-        exc = leaves[0]
-        raise exc from exc.__cause__  # from None when it has none: hides the group
-
-
 @asynccontextmanager
 async def open_reconnecting_websocket(
     url: str,
@@ -1113,7 +1086,7 @@ async def open_reconnecting_websocket(
         ping_timeout=ping_timeout,
         compression=compression,
     )
-    with _one_exception():
+    with collapse_exception_groups():
         async with graceful_scope() as body, trio.open_nursery() as nursery:
             client = ReconnectingWebSocket(
                 url,

@@ -44,6 +44,7 @@ from trio.lowlevel import ParkingLot, cancel_shielded_checkpoint
 
 from ._broadcast import Backplane, Broadcaster, Envelope
 from ._exceptions import BackplaneError
+from ._util import exception_leaves
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
@@ -824,24 +825,16 @@ async def _plain(awaitable: Any) -> None:
     try:
         await awaitable
     except BaseExceptionGroup as group:
-        leaves = list(_leaves(group))
+        leaves = exception_leaves(group)
         for leaf in leaves:
             if not isinstance(leaf, Exception):
                 raise leaf from None
         raise leaves[0] from None
 
 
-def _leaves(exc: BaseException) -> Iterator[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            yield from _leaves(inner)
-    else:
-        yield exc
-
-
 def _describe(exc: BaseException) -> str:
     """One line: the error, and the root cause when it adds something."""
-    leaves = list(_leaves(exc))
+    leaves = exception_leaves(exc)
     exc = leaves[0] if leaves else exc
     text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     cause = exc.__cause__

@@ -23,7 +23,9 @@ def collapse_exception_groups() -> Iterator[None]:
     ``async with`` body can only fail with the body's own exception; trio wraps
     it in an ExceptionGroup all the same. This turns the group back into the one
     exception the user expects (nested single groups too). A group of several
-    real exceptions is left as it is: hiding one would lose information.
+    real exceptions is left as it is: hiding one would lose information. A
+    group whose leaves are all one exception object (the same error raised to
+    several waiting tasks) is that exception too.
     """
     try:
         yield
@@ -31,10 +33,21 @@ def collapse_exception_groups() -> Iterator[None]:
         exc: BaseException = group
         while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
             exc = exc.exceptions[0]
+        if isinstance(exc, BaseExceptionGroup):
+            leaves = exception_leaves(exc)
+            if leaves and all(leaf is leaves[0] for leaf in leaves):
+                exc = leaves[0]
         if exc is group:
             raise
         # Keep the inner traceback; hide the group as the context.
         raise exc from exc.__cause__
+
+
+def exception_leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside ``exc`` and its nested groups, in order (``[exc]`` if not a group)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in exception_leaves(inner)]
+    return [exc]
 
 
 class LazyAddresses:
