@@ -396,7 +396,7 @@ def main() -> None:
     us_cross = cpu_cross / cross["delivered"] * 1e6
     print(
         f"| node CPU per delivery, µs | {us_single:.2f} | {us_cross:.2f} "
-        f"| {us_cross / us_single:.2f} |"
+        f"| {us_cross / us_single if us_single else float('nan'):.2f} |"
     )
     lc_single = sum(c or 0 for c in single["load_cpu_cores"])
     lc_cross = sum(c or 0 for c in cross["load_cpu_cores"])
