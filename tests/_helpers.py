@@ -10,7 +10,8 @@ import base64
 import os
 import queue
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -51,6 +52,24 @@ async def assert_no_leftover_tasks(baseline: int, timeout: float = 3.0) -> None:
         f"task count back to {baseline} (now {count_tasks()})",
     )
     assert count_tasks() == baseline
+
+
+# -- a server for a block ----------------------------------------------------------
+
+
+@asynccontextmanager
+async def serving(handler: Any, **kwargs: Any) -> AsyncIterator[Any]:
+    """``serve_websocket(handler, HOST, 0, **kwargs)`` for the ``async with`` block.
+
+    Yields the :class:`~wsnursery.WebSocketServer`; leaving cancels it (a
+    graceful stop: every connection gets 1001, every hook has returned).
+    """
+    from wsnursery import serve_websocket
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(partial(serve_websocket, handler, HOST, 0, **kwargs))
+        yield server
+        nursery.cancel_scope.cancel()
 
 
 # -- a thread-safe recorder, read from trio -----------------------------------------

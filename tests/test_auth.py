@@ -13,8 +13,7 @@ import json
 import logging
 import ssl
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
-from functools import partial
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_sync_connect
 from websockets.trio.client import connect as ws_trio_connect
 
+import _helpers
 from _helpers import HOST, wait_until
 from wsnursery import (
     Accept,
@@ -39,7 +39,6 @@ from wsnursery import (
     WebSocketRequest,
     WebSocketServer,
     open_websocket_url,
-    serve_websocket,
     server_ssl_context,
 )
 
@@ -79,17 +78,10 @@ async def whoami_function(request: WebSocketRequest) -> None:
     await conn.send_message(json.dumps({"user": user, "path": conn.path}))
 
 
-@asynccontextmanager
-async def serving(handler: Any, **kwargs: Any) -> AsyncIterator[WebSocketServer]:
-    kwargs.setdefault("ping_interval", None)
-    kwargs.setdefault("close_timeout", 1)
-    kwargs.setdefault("open_timeout", 3)
-    async with trio.open_nursery() as nursery:
-        server: WebSocketServer = await nursery.start(
-            partial(serve_websocket, handler, HOST, 0, **kwargs)
-        )
-        yield server
-        nursery.cancel_scope.cancel()
+def serving(handler: Any, **kwargs: Any) -> AbstractAsyncContextManager[WebSocketServer]:
+    return _helpers.serving(
+        handler, **{"ping_interval": None, "close_timeout": 1, "open_timeout": 3, **kwargs}
+    )
 
 
 async def who(url: str, headers: list[tuple[str, str]] | None = None) -> Any:

@@ -16,9 +16,8 @@ import logging
 import resource
 from collections import defaultdict
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import pytest
@@ -29,6 +28,7 @@ from websockets.exceptions import ConnectionClosed as WsConnectionClosed
 from websockets.sync.client import connect as ws_sync_connect
 from websockets.trio.client import connect as ws_trio_connect
 
+import _helpers
 from _helpers import (
     HOST,
     OP_BINARY,
@@ -140,18 +140,11 @@ def factory(base: type[Recording], book: Book) -> type[Recording]:
 # -- running servers and clients ------------------------------------------------
 
 
-@asynccontextmanager
-async def serving(handler: Any, **kwargs: Any) -> AsyncIterator[WebSocketServer]:
+def serving(handler: Any, **kwargs: Any) -> AbstractAsyncContextManager[WebSocketServer]:
     """A server for the ``async with`` block; every hook has returned when it exits."""
-    kwargs.setdefault("ping_interval", None)
-    kwargs.setdefault("close_timeout", 2)
-    kwargs.setdefault("open_timeout", 2)
-    async with trio.open_nursery() as nursery:
-        server: WebSocketServer = await nursery.start(
-            partial(serve_websocket, handler, HOST, 0, **kwargs)
-        )
-        yield server
-        nursery.cancel_scope.cancel()
+    return _helpers.serving(
+        handler, **{"ping_interval": None, "close_timeout": 2, "open_timeout": 2, **kwargs}
+    )
 
 
 class StoppableServer:

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
 import resource
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
 import trio.testing
 
 import wsnursery
-from _helpers import HOST, count_tasks
+from _helpers import HOST, count_tasks, serving
 from wsnursery import (
     ConnectionClosedOK,
     ConnectionRejected,
@@ -44,17 +41,6 @@ def recording_close_codes(seen: list[int]) -> Handler:
         seen.append((await conn.wait_closed()).code)
 
     return watch
-
-
-@asynccontextmanager
-async def serving(handler: Handler, **kw: Any) -> AsyncIterator[WebSocketServer]:
-    """A server on a free port of 127.0.0.1 for the ``async with`` block."""
-    async with trio.open_nursery() as nursery:
-        server: WebSocketServer = await nursery.start(
-            functools.partial(serve_websocket, handler, HOST, 0, **kw)
-        )
-        yield server
-        nursery.cancel_scope.cancel()
 
 
 async def serve_in(
