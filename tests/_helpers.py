@@ -10,15 +10,57 @@ import base64
 import os
 import queue
 import struct
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import trio
 
 HOST = "127.0.0.1"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- subprocesses ---------------------------------------------------------------------
+
+
+def checkout_env() -> dict[str, str]:
+    """The environment for a child Python: this checkout's package first, unbuffered."""
+    env = dict(os.environ)
+    paths = [str(ROOT / "src"), env.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+async def start_cli(*args: str) -> tuple[trio.Process, bytes]:
+    """Start ``python -m wsnursery ARGS``; return it and its first line of output.
+
+    The caller stops the process. Fails if no line comes within 10 seconds.
+    """
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "wsnursery", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stdout is not None
+    output = b""
+    try:
+        with trio.fail_after(10):
+            while b"\n" not in output:
+                chunk = await proc.stdout.receive_some()
+                if not chunk:
+                    break
+                output += chunk
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, output
 
 
 # -- tasks ----------------------------------------------------------------------

@@ -8,11 +8,8 @@ port. The last test runs ``python -m wsnursery chat`` as a process.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -22,7 +19,7 @@ import pytest
 import trio
 import trio_websocket
 
-from _helpers import HOST, read_response, read_to_eof
+from _helpers import HOST, read_response, read_to_eof, start_cli
 from wsnursery import WebSocketServer, serve_websocket
 from wsnursery._chat import PAGE, ChatHandler, _Refused
 
@@ -357,18 +354,8 @@ def test_handler_arguments_are_checked(bad: dict[str, Any]) -> None:
 
 
 async def test_chat_command_serves_the_page_and_stops_on_sigint() -> None:
-    proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "wsnursery", "chat", "--host", HOST, "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    proc, output = await start_cli("chat", "--host", HOST, "--port", "0")
     try:
-        assert proc.stdout is not None
-        output = b""
-        with trio.fail_after(10):
-            while b"\n" not in output:
-                output += await proc.stdout.receive_some()
         match = re.search(rb"wsnursery chat on http://127\.0\.0\.1:(\d+)/", output)
         assert match, output
         port = int(match.group(1))

@@ -2,41 +2,20 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
-import subprocess
-import sys
 
 import trio
 
+from _helpers import start_cli
 from wsnursery import open_websocket_url
 
 
 async def test_echo_server_process_echoes_and_stops_on_sigint() -> None:
-    proc = await trio.lowlevel.open_process(
-        [
-            sys.executable,
-            "-m",
-            "wsnursery",
-            "echo",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--max-message-size",
-            "2000000",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    proc, output = await start_cli(
+        "echo", "--host", "127.0.0.1", "--port", "0", "--max-message-size", "2000000"
     )
     try:
-        assert proc.stdout is not None
-        output = b""
-        with trio.fail_after(10):
-            while b"\n" not in output:
-                output += await proc.stdout.receive_some()
         match = re.search(rb"ws://127\.0\.0\.1:(\d+)/", output)
         assert match, output
         url = f"ws://127.0.0.1:{int(match.group(1))}/"

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from _helpers import checkout_env
 from wsnursery import CloseCode, ConnectionClosedOK, open_websocket_url
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,15 +26,6 @@ TIME_LIMIT = 20.0  # seconds for any one step; a hang fails the test instead
 LISTENING = re.compile(r"listening on (ws://127\.0\.0\.1:(\d+)/)")
 
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="stops the server with a signal")
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    # This checkout's package first, as the compliance runner does.
-    paths = [str(ROOT / "src"), env.get("PYTHONPATH", "")]
-    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
 
 
 def _command(script: str, *args: str) -> list[str]:
@@ -48,7 +40,7 @@ async def _run(
     with trio.fail_after(time_limit):
         return await trio.run_process(
             _command(script, *args),
-            env=_env(),
+            env=checkout_env(),
             cwd=ROOT,
             check=False,
             capture_stdout=True,
@@ -112,7 +104,7 @@ class _Running:
     async def __aenter__(self) -> _EchoServer:
         self._process = process = await trio.lowlevel.open_process(
             _command("echo_server.py", "0"),
-            env=_env(),
+            env=checkout_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from _helpers import checkout_env
 from wsnursery import (
     CloseCode,
     ConnectionClosed,
@@ -37,15 +38,6 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 TIME_LIMIT = 20.0  # seconds for any one step; a hang fails the test instead
 LISTENING = re.compile(r"listening on (?:ws|http)://127\.0\.0\.1:(\d+)/")
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    # This checkout's package first.
-    paths = [str(ROOT / "src"), env.get("PYTHONPATH", "")]
-    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
 
 
 @dataclass
@@ -104,7 +96,7 @@ async def running(script: str) -> AsyncIterator[Example]:
     """``examples/<script> 0`` until the block ends; killed if it is still running."""
     process = await trio.lowlevel.open_process(
         [sys.executable, str(EXAMPLES / script), "0"],
-        env=_env(),
+        env=checkout_env(),
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
