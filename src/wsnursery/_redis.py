@@ -31,7 +31,6 @@ from __future__ import annotations
 import logging
 import math
 import struct
-import sys
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -44,10 +43,7 @@ from trio.lowlevel import ParkingLot, cancel_shielded_checkpoint
 
 from ._broadcast import Backplane, Broadcaster, Envelope
 from ._exceptions import BackplaneError
-from ._util import exception_leaves
-
-if sys.version_info < (3, 11):  # pragma: no cover
-    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
+from ._util import collapse_exception_groups, exception_leaves
 
 if TYPE_CHECKING:
     import coredis
@@ -817,19 +813,15 @@ _PUBLISH_SCRIPT = (
 
 
 async def _plain(awaitable: Any) -> None:
-    """Await, turning an exception group into its first leaf (Cancelled first).
+    """Await, turning an exception group into one exception (Cancelled first).
 
     coredis runs on anyio task groups, which raise groups; a caller here wants
-    one exception: the cancellation if there is one, else the first error.
+    one exception: the cancellation if there is one, else the first error
+    (``collapse_exception_groups(cancelled_first=True)``: a link being torn
+    down reports no I/O error).
     """
-    try:
+    with collapse_exception_groups(cancelled_first=True):
         await awaitable
-    except BaseExceptionGroup as group:
-        leaves = exception_leaves(group)
-        for leaf in leaves:
-            if not isinstance(leaf, Exception):
-                raise leaf from None
-        raise leaves[0] from None
 
 
 def _describe(exc: BaseException) -> str:

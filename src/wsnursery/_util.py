@@ -5,42 +5,94 @@ from __future__ import annotations
 import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 
-__all__ = ["LazyAddresses", "collapse_exception_groups", "graceful_scope", "stream_addresses"]
+__all__ = [
+    "LazyAddresses",
+    "collapse_exception_groups",
+    "collapsed",
+    "exception_leaves",
+    "graceful_scope",
+    "reraise",
+    "stream_addresses",
+]
 
 
 @contextmanager
-def collapse_exception_groups() -> Iterator[None]:
-    """Re-raise a group holding a single exception as that exception.
+def collapse_exception_groups(*, cancelled_first: bool = False) -> Iterator[None]:
+    """Re-raise an exception group as the one exception it stands for.
 
     wsnursery's background tasks never raise, so a nursery around a user's
-    ``async with`` body can only fail with the body's own exception; trio wraps
-    it in an ExceptionGroup all the same. This turns the group back into the one
-    exception the user expects (nested single groups too). A group of several
-    real exceptions is left as it is: hiding one would lose information. A
-    group whose leaves are all one exception object (the same error raised to
-    several waiting tasks) is that exception too.
+    ``async with`` body can only fail with the body's own exception (and the
+    :exc:`trio.Cancelled` of a cancellation under way); trio wraps them in
+    groups all the same. The rules, applied to the group's leaves (nested
+    groups are walked):
+
+    1. A group of one leaf (at any depth) is that leaf.
+    2. Leaves that are all one exception object (one error raised to several
+       waiting tasks) are that exception.
+    3. Real errors and :exc:`trio.Cancelled`: the Cancelled leaves are dropped
+       and rules 1-2 apply to the rest, so the user's exception comes out as
+       itself. Dropping them loses nothing: the scope being cancelled is still
+       cancelled, and the caller's next checkpoint raises Cancelled again.
+    4. Only Cancelled leaves: the first of them, so the cancelled scope catches
+       it as usual.
+    5. Several distinct real errors: the group is left as it is (hiding one
+       would lose information).
+
+    With ``cancelled_first`` (for background connections being torn down,
+    such as the Redis client's), any Cancelled leaf wins over the errors, and
+    otherwise the first leaf comes out.
+
+    The exception raised is the leaf object itself, untouched: its
+    ``__context__``, ``__cause__``, ``__suppress_context__`` and the frames of
+    its traceback are those it had inside the group (re-raising appends only
+    the frames it passes on the way out).
     """
     try:
         yield
     except BaseExceptionGroup as group:
-        exc: BaseException = group
-        while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-            exc = exc.exceptions[0]
-        if isinstance(exc, BaseExceptionGroup):
-            leaves = exception_leaves(exc)
-            if leaves and all(leaf is leaves[0] for leaf in leaves):
-                exc = leaves[0]
+        exc = collapsed(group, cancelled_first=cancelled_first)
         if exc is group:
             raise
-        # Keep the inner traceback; hide the group as the context.
-        raise exc from exc.__cause__
+        reraise(exc)
+
+
+def collapsed(group: BaseException, *, cancelled_first: bool = False) -> BaseException:
+    """The exception :func:`collapse_exception_groups` raises for ``group`` (maybe ``group``)."""
+    if not isinstance(group, BaseExceptionGroup):
+        return group
+    leaves = exception_leaves(group)
+    cancelled = [leaf for leaf in leaves if isinstance(leaf, trio.Cancelled)]
+    errors = [leaf for leaf in leaves if not isinstance(leaf, trio.Cancelled)]
+    if cancelled_first:
+        return (cancelled or leaves or [group])[0]
+    if not errors:
+        return cancelled[0] if cancelled else group
+    if all(leaf is errors[0] for leaf in errors):
+        return errors[0]
+    return group
+
+
+def reraise(exc: BaseException) -> NoReturn:
+    """``raise exc`` from inside an ``except`` block, keeping its context and cause.
+
+    Python sets ``__context__`` at ``raise`` time to the exception being
+    handled (the group), which would add a misleading "During handling of the
+    above exception" and lose the real context: put the originals back.
+    """
+    context, cause, suppress = exc.__context__, exc.__cause__, exc.__suppress_context__
+    try:
+        raise exc
+    finally:
+        exc.__context__, exc.__cause__ = context, cause
+        exc.__suppress_context__ = suppress
+        del exc, context, cause
 
 
 def exception_leaves(exc: BaseException) -> list[BaseException]:

@@ -1,0 +1,235 @@
+"""Issue 10: public calls raise the one exception a user expects, with context intact.
+
+The rules of ``collapse_exception_groups`` as units, then end to end through
+every client-side context manager (real TCP on 127.0.0.1 where there is a
+peer), then the caller's deadline inside a block, the backplane start, the
+testing helpers' exit and the TLS options on ``ws://``.
+"""
+
+from __future__ import annotations
+
+import functools
+import ssl
+import sys
+import traceback
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+
+import wsnursery
+from _helpers import HOST, assert_no_leftover_tasks, count_tasks, serving
+from wsnursery import (
+    Broadcaster,
+    RedisBackplane,
+    WebSocketRequest,
+    connect_websocket,
+    connect_websocket_url,
+    open_reconnecting_websocket,
+    open_websocket,
+    open_websocket_url,
+    serve_websocket,
+)
+from wsnursery._util import collapse_exception_groups
+from wsnursery.testing import open_handler_client, open_websocket_pair
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup, ExceptionGroup
+
+# -- the rules, one by one -------------------------------------------------------------
+
+
+async def a_cancelled() -> trio.Cancelled:
+    """A real trio.Cancelled (they cannot be made directly)."""
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        try:
+            await trio.sleep(1)
+        except trio.Cancelled as exc:
+            return exc
+    raise AssertionError("not cancelled")
+
+
+def collapse(group: BaseException, **options: bool) -> BaseException:
+    """What comes out of ``collapse_exception_groups`` when ``group`` is raised in it."""
+    try:
+        with collapse_exception_groups(**options):
+            raise group
+    except BaseException as exc:
+        return exc
+    raise AssertionError("nothing raised")
+
+
+def test_rule_single_leaf_group_is_the_leaf() -> None:
+    error = ValueError("x")
+    nested = ExceptionGroup("a", [ExceptionGroup("b", [ExceptionGroup("c", [error])])])
+    assert collapse(nested) is error
+
+
+def test_rule_same_object_repeated_is_it() -> None:
+    error = ValueError("x")
+    group = ExceptionGroup("a", [error, ExceptionGroup("b", [error]), error])
+    assert collapse(group) is error
+
+
+async def test_rule_user_error_and_cancelled_is_the_error() -> None:
+    error = ValueError("x")
+    group = BaseExceptionGroup(
+        "a", [await a_cancelled(), BaseExceptionGroup("b", [error, await a_cancelled()])]
+    )
+    assert collapse(group) is error
+
+
+async def test_rule_only_cancelled_is_one_cancelled() -> None:
+    first, second = await a_cancelled(), await a_cancelled()
+    group = BaseExceptionGroup("a", [BaseExceptionGroup("b", [first]), second])
+    assert collapse(group) is first
+
+
+async def test_rule_only_cancelled_is_caught_by_the_cancelled_scope() -> None:
+    with trio.fail_after(2), trio.CancelScope() as outer, collapse_exception_groups():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.sleep_forever)
+            nursery.start_soon(trio.sleep_forever)
+            outer.cancel()
+            await trio.sleep_forever()
+    assert outer.cancelled_caught
+
+
+async def test_rule_several_distinct_errors_stay_a_group() -> None:
+    group = BaseExceptionGroup("a", [ValueError("x"), KeyError("y"), await a_cancelled()])
+    assert collapse(group) is group
+
+
+async def test_rule_cancelled_first_for_background_connections() -> None:
+    cancelled, error = await a_cancelled(), ConnectionError("lost")
+    assert collapse(BaseExceptionGroup("a", [error, cancelled]), cancelled_first=True) is cancelled
+    assert collapse(ExceptionGroup("a", [error, KeyError("y")]), cancelled_first=True) is error
+
+
+def raise_while_handling() -> None:
+    try:
+        raise KeyError("the real context")
+    except KeyError:
+        raise ValueError("x")  # noqa: B904 - the implicit context is the point
+
+
+def raise_from() -> None:
+    raise ValueError("x") from OSError("the cause")
+
+
+@pytest.mark.parametrize("raiser", [raise_while_handling, raise_from])
+def test_context_cause_and_traceback_untouched(raiser: Callable[[], None]) -> None:
+    try:
+        raiser()
+    except ValueError as exc:
+        error = exc
+    before = (error.__context__, error.__cause__, error.__suppress_context__)
+    inner_frames = [frame.name for frame in traceback.extract_tb(error.__traceback__)]
+    assert collapse(ExceptionGroup("g", [error])) is error
+    assert (error.__context__, error.__cause__, error.__suppress_context__) == before
+    frames = [frame.name for frame in traceback.extract_tb(error.__traceback__)]
+    assert frames[-len(inner_frames) :] == inner_frames
+    text = "".join(traceback.format_exception(error))
+    assert "ExceptionGroup" not in text
+    if raiser is raise_while_handling:
+        assert "During handling of the above exception" in text
+        assert "the real context" in text
+    else:
+        assert "the cause" in text
+
+
+# -- end to end: a body that raises while an outer scope cancels it ---------------------
+
+
+async def echo(request: WebSocketRequest) -> None:
+    conn = await request.accept()
+    async for message in conn:
+        await conn.send_message(message)
+
+
+Opener = Callable[[int], AbstractAsyncContextManager[Any]]
+
+
+@asynccontextmanager
+async def _pair(port: int) -> AsyncIterator[Any]:
+    async with open_websocket_pair(close_timeout=1) as (client, _):
+        yield client
+
+
+OPENERS: dict[str, Opener] = {
+    "open_websocket": lambda port: open_websocket(HOST, port, close_timeout=1),
+    "open_websocket_url": lambda port: open_websocket_url(f"ws://{HOST}:{port}/", close_timeout=1),
+    "open_reconnecting_websocket": lambda port: open_reconnecting_websocket(
+        f"ws://{HOST}:{port}/", close_timeout=1
+    ),
+    "open_handler_client": lambda port: open_handler_client(echo, close_timeout=1),
+    "open_websocket_pair": _pair,
+}
+
+
+def failing_cleanup() -> None:
+    try:
+        raise KeyError("the real context")
+    except KeyError:
+        raise ValueError("cleanup failed")  # noqa: B904
+
+
+@pytest.mark.parametrize("name", OPENERS)
+async def test_body_error_under_outer_cancel_is_the_error(name: str) -> None:
+    opener = OPENERS[name]
+    with trio.fail_after(5):
+        async with serving(echo, close_timeout=1) as server:
+            baseline = count_tasks()
+            try:
+                with trio.move_on_after(0.1):
+                    async with opener(server.port):
+                        try:
+                            await trio.sleep(5)
+                        finally:
+                            failing_cleanup()
+            except BaseException as exc:
+                error = exc
+            else:
+                raise AssertionError("nothing raised")
+            assert type(error) is ValueError
+            assert isinstance(error.__context__, KeyError)
+            assert not error.__suppress_context__
+            frames = [frame.name for frame in traceback.extract_tb(error.__traceback__)]
+            assert frames[-1] == "failing_cleanup"
+            assert "test_body_error_under_outer_cancel_is_the_error" in frames
+            await assert_no_leftover_tasks(baseline)
+
+
+@pytest.mark.parametrize("name", OPENERS)
+async def test_caught_body_error_still_leaves_the_cancelled_scope(name: str) -> None:
+    opener = OPENERS[name]
+    with trio.fail_after(5):
+        async with serving(echo, close_timeout=1) as server:
+            reached = False
+            with trio.move_on_after(0.1) as outer:
+                try:
+                    async with opener(server.port):
+                        try:
+                            await trio.sleep(5)
+                        finally:
+                            failing_cleanup()
+                except ValueError:
+                    pass
+                await trio.sleep(5)  # the scope is still cancelled: this raises at once
+                reached = True
+            assert outer.cancelled_caught
+            assert not reached
+
+
+@pytest.mark.parametrize("name", OPENERS)
+async def test_outer_cancel_is_caught_by_its_scope(name: str) -> None:
+    opener = OPENERS[name]
+    with trio.fail_after(5):
+        async with serving(echo, close_timeout=1) as server:
+            with trio.move_on_after(0.1) as outer:
+                async with opener(server.port):
+                    await trio.sleep(5)
+            assert outer.cancelled_caught
