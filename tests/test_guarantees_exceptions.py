@@ -233,3 +233,141 @@ async def test_outer_cancel_is_caught_by_its_scope(name: str) -> None:
                 async with opener(server.port):
                     await trio.sleep(5)
             assert outer.cancelled_caught
+
+
+# -- the caller's deadline inside the block ----------------------------------------------
+
+
+@pytest.mark.parametrize("name", OPENERS)
+async def test_caller_deadline_is_visible_in_the_block(name: str) -> None:
+    opener = OPENERS[name]
+    with trio.fail_after(5):
+        async with serving(echo, close_timeout=1) as server:
+            with trio.move_on_after(3):
+                expected = trio.current_effective_deadline()
+                async with opener(server.port):
+                    assert trio.current_effective_deadline() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    "name", ["open_websocket", "open_websocket_url", "open_reconnecting_websocket"]
+)
+async def test_block_past_the_deadline_is_cancelled_and_closes_1001(name: str) -> None:
+    opener = OPENERS[name]
+    codes: list[int] = []
+
+    async def watch(request: WebSocketRequest) -> None:
+        conn = await request.accept()
+        codes.append((await conn.wait_closed()).code)
+
+    with trio.fail_after(5):
+        async with serving(watch, close_timeout=1) as server:
+            start = trio.current_time()
+            with trio.move_on_after(0.3) as outer:
+                async with opener(server.port):
+                    await trio.sleep(3)
+            assert outer.cancelled_caught
+            assert trio.current_time() - start < 1.5
+            await trio.testing.wait_all_tasks_blocked()
+            with trio.fail_after(2):
+                while not codes:
+                    await trio.sleep(0.01)
+            assert codes == [1001]
+
+
+async def test_testing_helper_block_past_the_deadline_closes_1001() -> None:
+    codes: list[int] = []
+
+    async def watch(request: WebSocketRequest) -> None:
+        conn = await request.accept()
+        codes.append((await conn.wait_closed()).code)
+
+    with trio.fail_after(5):
+        with trio.move_on_after(0.3) as outer:
+            async with open_handler_client(watch, close_timeout=1):
+                await trio.sleep(3)
+        assert outer.cancelled_caught
+        assert codes == [1001]
+
+
+# -- a server cancelled while its backplane connects -------------------------------------
+
+
+async def _hold(stream: trio.SocketStream) -> None:
+    async for _ in stream:  # reads, never answers; ends when the client hangs up
+        pass
+
+
+@asynccontextmanager
+async def silent_redis() -> AsyncIterator[str]:
+    """A redis:// URL of a 127.0.0.1 port that accepts TCP and never answers."""
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(functools.partial(trio.serve_tcp, _hold, 0, host=HOST))
+        port = listeners[0].socket.getsockname()[1]
+        yield f"redis://{HOST}:{port}"
+        nursery.cancel_scope.cancel()
+
+
+async def _serve_direct(url: str) -> None:
+    await serve_websocket(echo, HOST, 0, backplane=RedisBackplane(url, connect_timeout=5))
+
+
+async def _serve_started(url: str) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            functools.partial(
+                serve_websocket, echo, HOST, 0, backplane=RedisBackplane(url, connect_timeout=5)
+            )
+        )
+
+
+async def _broadcaster(url: str) -> None:
+    async with Broadcaster(backplane=RedisBackplane(url, connect_timeout=5)):
+        await trio.sleep_forever()
+
+
+@pytest.mark.parametrize("start", [_serve_direct, _serve_started, _broadcaster])
+async def test_cancel_while_the_backplane_connects_is_prompt(
+    start: Callable[[str], Any],
+) -> None:
+    pytest.importorskip("coredis")
+    with trio.fail_after(4):
+        async with silent_redis() as url:
+            baseline = count_tasks()
+            with trio.move_on_after(0.3) as outer:
+                await start(url)
+            took = trio.current_time() - (outer.deadline - 0.3)
+            assert outer.cancelled_caught
+            assert took < 1.0
+            await assert_no_leftover_tasks(baseline)
+
+
+# -- leaving a testing helper is prompt ---------------------------------------------------
+
+
+async def _deaf_handler(request: WebSocketRequest) -> None:
+    await request.accept()
+    await trio.sleep_forever()  # ignores the close
+
+
+class _SleepyHooks(wsnursery.WebSocketHandler):
+    async def on_text(self, conn: Any, text: str) -> None:
+        await trio.sleep_forever()  # still "handling" when the client leaves: no close echo
+
+
+@pytest.mark.parametrize("handler", [_deaf_handler, _SleepyHooks()], ids=["function", "hooks"])
+async def test_leaving_open_handler_client_is_prompt(handler: Any) -> None:
+    baseline = count_tasks()
+    with trio.fail_after(2):
+        async with open_handler_client(handler, ping_interval=20, close_timeout=0.5) as client:
+            await client.send_message("hi")
+    await assert_no_leftover_tasks(baseline)
+
+
+async def test_leaving_open_websocket_pair_is_prompt() -> None:
+    baseline = count_tasks()
+    with trio.fail_after(2):
+        async with open_websocket_pair(ping_interval=20, close_timeout=1) as (client, server):
+            await client.send_message("hi")
+            assert await server.get_message() == "hi"
+    await assert_no_leftover_tasks(baseline)

@@ -142,11 +142,20 @@ def stream_addresses(stream: trio.abc.Stream) -> tuple[Any, Any]:
         return None, None
 
 
-async def _forward_cancel(scope: trio.CancelScope) -> None:
+async def _forward_cancel(body: trio.CancelScope, region: trio.CancelScope) -> None:
     try:
         await trio.sleep_forever()
     finally:
-        scope.cancel()
+        body.cancel()
+        if not _entered(body):
+            # Still setting up (a server connecting its backplane): nothing to
+            # close gracefully yet, so let the caller's cancellation in at once.
+            region.shield = False
+
+
+def _entered(scope: trio.CancelScope) -> bool:
+    """Whether ``scope`` has been entered (trio has no public way to ask)."""
+    return bool(getattr(scope, "_has_been_entered", True))
 
 
 @asynccontextmanager
@@ -159,12 +168,22 @@ async def graceful_scope() -> AsyncIterator[trio.CancelScope]:
     is cancelled instead. Code placed in ``body`` (the user's block) stops as
     usual, while code after it (a closing handshake with its own time limit)
     still runs, and the caller's ``Cancelled`` comes out at the end.
+
+    ``body`` has the caller's effective deadline at entry, so
+    :func:`trio.current_effective_deadline` inside it is the caller's, and
+    the body is cancelled when that deadline passes, like the caller.
+
+    A cancellation that comes before ``body`` was entered (while the region
+    is still setting up, e.g. connecting a backplane) lifts the shield: the
+    setup is cancelled at once and the caller's ``Cancelled`` propagates as
+    usual.
     """
     async with trio.open_nursery() as watcher:
-        body = trio.CancelScope()
-        watcher.start_soon(_forward_cancel, body)
+        body = trio.CancelScope(deadline=trio.current_effective_deadline())
+        region = trio.CancelScope(shield=True)
+        watcher.start_soon(_forward_cancel, body, region)
         try:
-            with trio.CancelScope(shield=True):
+            with region:
                 yield body
         finally:
             watcher.cancel_scope.cancel()

@@ -21,11 +21,11 @@ from typing import Any
 import trio
 import trio.testing
 
-from ._client import client_connection, client_handshake, upgrade
-from ._connection import WebSocketConnection, _shielded
+from ._client import BlockExit, client_connection, client_handshake, upgrade
+from ._connection import WebSocketConnection
 from ._headers import HeaderPairs
 from ._server import Handler, WebSocketRequest, WebSocketServer
-from ._util import collapse_exception_groups
+from ._util import collapse_exception_groups, graceful_scope
 
 __all__ = ["open_handler_client", "open_websocket_pair"]
 
@@ -56,6 +56,14 @@ async def open_handler_client(
     client would. Keep-alive is off by default so tests with
     ``autojump_clock`` stay deterministic.
 
+    As with :func:`~wsnursery.open_websocket`: leaving the block closes the
+    client with 1000 (1011 if the block raised, 1001 if it was cancelled or
+    ran past the caller's deadline, which is visible inside the block),
+    waiting at most ``close_timeout`` for the server's answer; then the
+    handler is cancelled if it is still running, so leaving never waits for
+    a handler that outlives the client. The block's exception comes out as
+    itself, never inside an ExceptionGroup.
+
     Cancellation:
         Both sides are closed before the block's cancellation goes on.
     """
@@ -71,24 +79,32 @@ async def open_handler_client(
         max_message_size=max_message_size,
     )
     with collapse_exception_groups():
-        async with trio.open_nursery() as nursery:
-            server._handling += 1
-            nursery.start_soon(server._handle_stream, server_stream)
-            await upgrade(client_stream, handshake)
-            conn = client_connection(
-                client_stream,
-                handshake,
-                max_message_size=max_message_size,
-                max_queue=max_queue,
-                ping_interval=ping_interval,
-                ping_timeout=ping_timeout,
-                close_timeout=close_timeout,
-            )
-            conn._start(nursery)
+        async with graceful_scope() as body, trio.open_nursery() as nursery:
+            conn: WebSocketConnection | None = None
+            left = BlockExit(body)
             try:
-                yield conn
+                with body, left:
+                    server._handling += 1
+                    nursery.start_soon(server._handle_stream, server_stream)
+                    await upgrade(client_stream, handshake)
+                    conn = client_connection(
+                        client_stream,
+                        handshake,
+                        max_message_size=max_message_size,
+                        max_queue=max_queue,
+                        ping_interval=ping_interval,
+                        ping_timeout=ping_timeout,
+                        close_timeout=close_timeout,
+                    )
+                    conn._start(nursery)
+                    yield conn
             finally:
-                await _shielded(conn.aclose())
+                # Shielded by graceful_scope; bounded by close_timeout. Then
+                # nothing waits for the handler (it may outlive the client) or
+                # the next keep-alive tick.
+                if conn is not None:
+                    await conn.aclose(left.code)
+                nursery.cancel_scope.cancel()
 
 
 @asynccontextmanager
@@ -106,7 +122,8 @@ async def open_websocket_pair(
     """Yield ``(client, server)``: two connected :class:`~wsnursery.WebSocketConnection`.
 
     Both use the same options. Whatever one sends, the other receives. Both are
-    closed when the block ends.
+    closed when the block ends, as for :func:`open_handler_client` (promptly:
+    at most ``close_timeout``; the block's exception comes out as itself).
 
     Cancellation:
         Both sides are closed before the block's cancellation goes on.
@@ -130,7 +147,7 @@ async def open_websocket_pair(
         "ping_timeout": ping_timeout,
         "close_timeout": close_timeout,
     }
-    # open_handler_client unwraps single-exception groups already.
+    # open_handler_client unwraps exception groups and bounds the exit already.
     async with open_handler_client(
         handler,
         resource,
