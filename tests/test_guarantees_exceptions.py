@@ -371,3 +371,31 @@ async def test_leaving_open_websocket_pair_is_prompt() -> None:
             await client.send_message("hi")
             assert await server.get_message() == "hi"
     await assert_no_leftover_tasks(baseline)
+
+
+# -- TLS options on ws:// ------------------------------------------------------------------
+
+
+def _tls_options() -> list[dict[str, Any]]:
+    return [{"ssl_context": ssl.create_default_context()}, {"cafile": __file__}]
+
+
+@pytest.mark.parametrize("options", _tls_options(), ids=["ssl_context", "cafile"])
+async def test_tls_options_on_plain_url_raise_at_once(options: dict[str, Any]) -> None:
+    with trio.fail_after(2):
+        async with serving(echo) as server:
+            url = f"ws://{HOST}:{server.port}/"
+            async with trio.open_nursery() as nursery:
+                with pytest.raises(ValueError, match="TLS"):
+                    await connect_websocket_url(nursery, url, **options)
+                with pytest.raises(ValueError, match="TLS"):
+                    await connect_websocket(nursery, HOST, server.port, use_ssl=False, **options)
+            with pytest.raises(ValueError, match="TLS"):
+                async with open_websocket_url(url, **options):
+                    pass
+            with pytest.raises(ValueError, match="TLS"):
+                async with open_websocket(HOST, server.port, use_ssl=False, **options):
+                    pass
+            with pytest.raises(ValueError, match="TLS"):
+                async with open_reconnecting_websocket(url, **options):
+                    pass

@@ -73,13 +73,25 @@ def resolve_ssl_context(
     cafile: StrPath | TrustStore,
     certfile: StrPath | None,
     keyfile: StrPath | None,
+    *,
+    use_ssl: bool | None = None,
+    url: str | None = None,
 ) -> ssl.SSLContext | None:
     """``ssl_context``, or one made from the TLS file options; None if neither was given.
 
+    ``use_ssl=False`` (a ``ws://`` URL, named by ``url`` in the error) says
+    the connection is plain TCP: TLS options then are a mistake, reported at
+    once rather than by a TLS handshake with a plain server that times out.
+
     Raises:
-        ValueError: both a context and file options were given.
+        ValueError: both a context and file options were given, or TLS
+            options with ``use_ssl=False``.
     """
-    if cafile is SYSTEM and certfile is None and keyfile is None:
+    plain = cafile is SYSTEM and certfile is None and keyfile is None
+    if use_ssl is False and not (plain and ssl_context is None):
+        where = f"a ws:// URL: {url!r}" if url is not None else "use_ssl=False"
+        raise ValueError(f"TLS options (ssl_context, cafile, certfile, keyfile) with {where}")
+    if plain:
         return ssl_context
     if ssl_context is not None:
         raise ValueError("pass either ssl_context or cafile/certfile/keyfile, not both")
@@ -164,6 +176,19 @@ def _describe(exc: BaseException) -> str:
     return repr(exc)
 
 
+def _check_tls_options(url: str, tls: bool, kwargs: dict[str, object]) -> None:
+    """ValueError now for TLS options given with a ``ws://`` URL."""
+    if not tls:
+        resolve_ssl_context(
+            kwargs.get("ssl_context"),  # type: ignore[arg-type]
+            kwargs.get("cafile", SYSTEM),  # type: ignore[arg-type]
+            kwargs.get("certfile"),  # type: ignore[arg-type]
+            kwargs.get("keyfile"),  # type: ignore[arg-type]
+            use_ssl=False,
+            url=url,
+        )
+
+
 def _parse_url(url: str) -> tuple[str, int, str, bool]:
     split = urlsplit(url)
     if split.scheme not in ("ws", "wss"):
@@ -184,7 +209,7 @@ async def connect_websocket(
     port: int,
     resource: str = "/",
     *,
-    use_ssl: bool = False,
+    use_ssl: bool | None = None,
     ssl_context: ssl.SSLContext | None = None,
     cafile: StrPath | TrustStore = SYSTEM,
     certfile: StrPath | None = None,
@@ -213,14 +238,19 @@ async def connect_websocket(
         host: The server's host name or address.
         port: The server's port.
         resource: The path and query to request (``/chat?room=1``).
-        use_ssl: Connect with TLS (``wss``), verifying with the default
-            trust store unless ``ssl_context`` is given.
-        ssl_context: The client-side TLS context; implies TLS.
+        use_ssl: True: connect with TLS (``wss``), verifying with the
+            default trust store unless ``ssl_context`` is given. False: plain
+            TCP (``ws``); TLS options are then a :exc:`ValueError`. None (the
+            default): TLS if and only if a TLS option is given.
+        ssl_context: The client-side TLS context; implies TLS unless
+            ``use_ssl=False``.
         cafile: Instead of ``ssl_context``: a PEM file of CAs to verify the
             server against, :data:`SYSTEM` (the default trust store, the
             default) or :data:`NONE` (no verification: for testing only, see
-            :func:`client_ssl_context`). Anything but ``SYSTEM`` implies TLS.
-        certfile: A client certificate (PEM) to present; implies TLS.
+            :func:`client_ssl_context`). Anything but ``SYSTEM`` implies TLS
+            unless ``use_ssl=False``.
+        certfile: A client certificate (PEM) to present; implies TLS unless
+            ``use_ssl=False``.
         keyfile: Its private key (PEM), if not in ``certfile``.
         unix_socket: Connect to this Unix domain socket path instead of
             ``host:port`` (which still make the ``Host`` header).
@@ -242,12 +272,13 @@ async def connect_websocket(
             is an :exc:`EOFError`).
         HandshakeTimeout: ``open_timeout`` ran out.
         ValueError: ``ssl_context`` together with ``cafile``, ``certfile`` or
-            ``keyfile``.
+            ``keyfile``; or any of them with ``use_ssl=False`` (raised before
+            any connection is made).
 
     Cancellation:
         Nothing is left open: a half-made connection is closed.
     """
-    ssl_context = resolve_ssl_context(ssl_context, cafile, certfile, keyfile)
+    ssl_context = resolve_ssl_context(ssl_context, cafile, certfile, keyfile, use_ssl=use_ssl)
     tls = use_ssl or ssl_context is not None
     handshake = client_handshake(
         _host_header(host, port, tls),
@@ -370,12 +401,18 @@ async def connect_websocket_url(
 ) -> WebSocketConnection:
     """:func:`connect_websocket` with a ``ws://`` or ``wss://`` URL.
 
-    Takes the same keyword arguments.
+    Takes the same keyword arguments. TLS options (``ssl_context``,
+    ``cafile``, ``certfile``, ``keyfile``) are for ``wss://`` URLs only.
+
+    Raises:
+        ValueError: a bad URL, or TLS options with a ``ws://`` URL (at once,
+            before connecting).
 
     Cancellation:
         As for :func:`connect_websocket`.
     """
     host, port, resource, tls = _parse_url(url)
+    _check_tls_options(url, tls, kwargs)
     return await connect_websocket(
         nursery,
         host,
@@ -400,11 +437,19 @@ async def open_websocket(
     cancellation with 1001, waiting at most ``close_timeout`` for the peer.
     The block's exception comes out as itself, never inside an ExceptionGroup.
 
+    The block runs with the caller's deadline (``trio.current_effective_deadline``
+    inside it is the caller's); when the deadline passes, the block is
+    cancelled and the connection closed with 1001, as for a cancellation.
+
     Raises:
         HandshakeError, TransportError: as :func:`connect_websocket`.
+        ValueError: bad options, such as TLS options with ``use_ssl=False``.
 
     Cancellation:
-        The connection is closed (1001) before the cancellation goes on.
+        The connection is closed (1001) before the cancellation goes on. If
+        the block raises while it is being cancelled (a failing cleanup), its
+        exception comes out, not the Cancelled (the cancelled scope's next
+        checkpoint raises that again).
     """
     with collapse_exception_groups():
         async with graceful_scope() as body, trio.open_nursery() as nursery:
@@ -425,12 +470,18 @@ async def open_websocket(
 async def open_websocket_url(url: str, **kwargs: object) -> AsyncIterator[WebSocketConnection]:
     """:func:`open_websocket` with a ``ws://`` or ``wss://`` URL.
 
-    ``ssl_context`` applies to ``wss://`` URLs; without it the default trust
-    store verifies the server.
+    ``ssl_context`` (and ``cafile``, ``certfile``, ``keyfile``) apply to
+    ``wss://`` URLs only; without them the default trust store verifies the
+    server.
+
+    Raises:
+        ValueError: a bad URL, or TLS options with a ``ws://`` URL (at once,
+            before connecting).
 
     Cancellation:
         As for :func:`open_websocket`.
     """
     host, port, resource, tls = _parse_url(url)
+    _check_tls_options(url, tls, kwargs)
     async with open_websocket(host, port, resource, use_ssl=tls, **kwargs) as conn:
         yield conn

@@ -1063,9 +1063,7 @@ async def open_reconnecting_websocket(
         nothing is left running, and the cancellation goes on as usual.
     """
     host, port, resource, tls = _parse_url(url)
-    context = resolve_ssl_context(ssl_context, cafile, certfile, keyfile)
-    if context is not None and not tls:
-        raise ValueError(f"TLS options were given for a ws:// URL: {url!r}")
+    context = resolve_ssl_context(ssl_context, cafile, certfile, keyfile, use_ssl=tls, url=url)
     if tls and context is None:
         context = ssl.create_default_context()
     connect = functools.partial(
