@@ -382,7 +382,18 @@ class Broadcaster:
         self._standalone = False
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run the backplane connection, if any, until cancelled (the server does this)."""
+        """Run the backplane connection, if any, until cancelled (the server does this).
+
+        Works with ``nursery.start``: started once the backplane is connected.
+
+        Raises:
+            BackplaneError: the backplane could not start (see its ``serve``).
+
+        Cancellation:
+            Cancelled at any time, including while the backplane is still
+            connecting: the attempt is abandoned, nothing is left running and
+            only the :exc:`trio.Cancelled` comes out.
+        """
         if self.backplane is None:
             task_status.started()
             await trio.sleep_forever()
