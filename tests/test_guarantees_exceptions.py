@@ -377,10 +377,15 @@ async def test_leaving_open_websocket_pair_is_prompt() -> None:
 
 
 def _tls_options() -> list[dict[str, Any]]:
-    return [{"ssl_context": ssl.create_default_context()}, {"cafile": __file__}]
+    # The files are never read: the mistake is reported before any TLS work.
+    return [
+        {"ssl_context": ssl.create_default_context()},
+        {"cafile": __file__},
+        {"certfile": __file__},
+    ]
 
 
-@pytest.mark.parametrize("options", _tls_options(), ids=["ssl_context", "cafile"])
+@pytest.mark.parametrize("options", _tls_options(), ids=["ssl_context", "cafile", "certfile"])
 async def test_tls_options_on_plain_url_raise_at_once(options: dict[str, Any]) -> None:
     with trio.fail_after(2):
         async with serving(echo) as server:
