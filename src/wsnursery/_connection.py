@@ -43,7 +43,7 @@ from trio.lowlevel import (
 )
 
 from ._exceptions import CloseCode, CloseReason, ConnectionClosed
-from ._protocol import Frame, Message, Protocol, ProtocolState
+from ._protocol import WORK_BUDGET, Frame, Message, Protocol, ProtocolState
 from ._util import LazyAddresses
 
 if TYPE_CHECKING:
@@ -351,8 +351,14 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
                     await self._message_lot.park()
                     self._reader_paused = False
                     continue
-                data = await transport.receive()
-                proto.receive_data(data)
+                if proto.budget <= 0:
+                    # A peer that keeps the socket full never makes the read
+                    # wait: yield every WORK_BUDGET frames (or 1 MiB) instead.
+                    await checkpoint()
+                    proto.resume()
+                else:
+                    data = await transport.receive()
+                    proto.receive_data(data)
                 if proto._out or proto.pongs or proto.transport_should_close:
                     await self._after_receive()
                 elif proto.messages and self._message_lot:
@@ -402,6 +408,12 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
                 if proto.state is ProtocolState.CLOSED:
                     await self._wait_for_eof()
                     break
+                if proto.budget <= 0:
+                    # The socket kept us busy since the last wait: let other
+                    # tasks run before parsing on (see Protocol.receive_data).
+                    await checkpoint()
+                    proto.resume()
+                    continue
                 if proto.state is ProtocolState.CLOSING:
                     # We sent the close frame (a hook failed, or aclose from a
                     # hook): wait for the answer, but not forever.
@@ -420,6 +432,7 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
                             n = os.readv(fd, _SHARED_BUFFERS)
                         except BlockingIOError:
                             await wait_readable(fd)
+                            proto.budget = WORK_BUDGET  # we waited: a schedule point
                             continue
                         data = _SHARED_VIEW[:n]
                         break
@@ -539,8 +552,10 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
 
     async def _wait_for_eof(self) -> None:
         with trio.move_on_after(_timeout(self._close_timeout)):
+            # A checkpoint per read: a peer that keeps sending must not keep
+            # the deadline from firing (the socket read never waits then).
             while await self._transport.receive():
-                pass
+                await checkpoint()
 
     async def _after_receive(self) -> None:
         proto = self._proto

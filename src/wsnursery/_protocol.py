@@ -61,6 +61,9 @@ _BINARY = Opcode.BINARY
 _PING = Opcode.PING
 _PONG = Opcode.PONG
 _CLOSE = Opcode.CLOSE
+#: Frames parsed (each 16 KiB received counts as one more) before the caller
+#: should reach a schedule point: see Protocol.receive_data and resume.
+WORK_BUDGET = 64
 
 
 def encode_frame(message: Message | bytearray | memoryview, key: bytes | None = None) -> Frame:
@@ -249,6 +252,11 @@ class Protocol:
         self.closed: CloseReason | None = None
         #: True once the caller should close the transport now.
         self.transport_should_close = False
+        #: Work left before the caller should reach a schedule point and call
+        #: :meth:`resume` (see :meth:`receive_data`).
+        self.budget = WORK_BUDGET
+        #: True when the budget ran out with frames maybe still unparsed.
+        self.parse_pending = False
         self._out = bytearray()
         self._parts: list[Message] = []
         self._size = 0
@@ -261,6 +269,11 @@ class Protocol:
         Never raises for anything the peer sent: violations fail the
         connection (close frame queued, :attr:`closed` set, state CLOSED).
         Data arriving after the connection closed is ignored.
+
+        Parses at most :attr:`budget` frames (each 16 KiB received counts as
+        one more): when the budget runs out, the rest stays buffered until
+        :meth:`resume`. The caller reaches a schedule point in between, so
+        that a peer that keeps the socket full cannot starve other tasks.
         """
         state = self.state
         if state is ProtocolState.CLOSED or state is ProtocolState.BROKEN:
@@ -270,10 +283,25 @@ class Protocol:
         if not data:
             self._receive_eof()
             return
+        self._proto.receive_bytes(data)  # type: ignore[arg-type]
+        self.budget -= len(data) >> 14
+        self._parse()
+
+    def resume(self) -> None:
+        """Refill :attr:`budget` and parse on from where it ran out."""
+        self.budget = WORK_BUDGET
+        if self.parse_pending:
+            self.parse_pending = False
+            state = self.state
+            if state is ProtocolState.OPEN or state is ProtocolState.CLOSING:
+                self._parse()
+
+    def _parse(self) -> None:
         proto = self._proto
-        proto.receive_bytes(data)  # type: ignore[arg-type]
+        budget = self.budget
         try:
             for frame in proto.received_frames():
+                budget -= 1
                 opcode = frame.opcode
                 if opcode is _TEXT or opcode is _BINARY:
                     payload = cast(Message, frame.payload)
@@ -283,14 +311,14 @@ class Protocol:
                             return
                         if self.state is ProtocolState.OPEN:
                             self.messages.append(payload)
-                        continue
-                    self._parts.append(payload)
-                    if self.max_message_size is not None and self._too_big(payload):
-                        return
-                    if frame.message_finished:
-                        parts, self._parts, self._size = self._parts, [], 0
-                        if self.state is ProtocolState.OPEN:
-                            self.messages.append(_join(parts))
+                    else:
+                        self._parts.append(payload)
+                        if self.max_message_size is not None and self._too_big(payload):
+                            return
+                        if frame.message_finished:
+                            parts, self._parts, self._size = self._parts, [], 0
+                            if self.state is ProtocolState.OPEN:
+                                self.messages.append(_join(parts))
                 elif opcode is _PING:
                     self.pings_received += 1
                     if self.state is ProtocolState.OPEN:
@@ -301,8 +329,14 @@ class Protocol:
                     code, reason = cast("tuple[int, str]", frame.payload)
                     self._receive_close(int(code), reason)
                     return
+                if budget <= 0:
+                    # Stop here; resume() goes on after a schedule point.
+                    self.parse_pending = True
+                    return
         except ParseFailed as exc:
             self.fail(int(exc.code), str(exc))
+        finally:
+            self.budget = budget
 
     def _too_big(self, payload: Message) -> bool:
         """Count a fragment against max_message_size; fail the connection past it."""
