@@ -13,7 +13,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import socket
 import struct
+import zlib
 from functools import partial
 from typing import Any
 
@@ -31,10 +33,24 @@ from _helpers import (
     close_payload,
     raw_connect,
     read_head,
+    read_response,
     serving,
+    upgrade_request,
+    wait_until,
 )
-from wsnursery import ConnectionClosed, open_websocket_url
-from wsnursery._protocol import BoundedPerMessageDeflate, Protocol, compressed_size_bound
+from wsnursery import (
+    CloseReason,
+    ConnectionClosed,
+    WebSocketConnection,
+    WebSocketHandler,
+    open_websocket_url,
+)
+from wsnursery._protocol import (
+    BoundedPerMessageDeflate,
+    Protocol,
+    ProtocolState,
+    compressed_size_bound,
+)
 
 TIMEOUT = 5
 
@@ -208,3 +224,204 @@ async def test_client_refuses_huge_header_at_once() -> None:
                 assert info.value.reason.code == 1009
             nursery.cancel_scope.cancel()
     assert received == [1009]
+
+
+# -- B: every wait on a peer is bounded -------------------------------------------
+
+
+class Recording(WebSocketHandler):
+    """Records (hook, detail, time) in a list shared by the test."""
+
+    log: list[tuple[str, Any, float]]
+
+    def record(self, what: str, detail: Any = None) -> None:
+        self.log.append((what, detail, trio.current_time()))
+
+    async def on_disconnect(self, conn: WebSocketConnection, reason: CloseReason) -> None:
+        self.record("disconnect", reason.code)
+
+
+def disconnect_time(log: list[tuple[str, Any, float]]) -> float | None:
+    return next((t for what, _, t in log if what == "disconnect"), None)
+
+
+async def test_failed_start_soon_task_is_bounded_by_close_timeout() -> None:
+    """A conn.start_soon task fails; the peer never answers our close frame."""
+    log: list[tuple[str, Any, float]] = []
+
+    class Crashing(Recording):
+        async def on_connect(self, conn: WebSocketConnection) -> None:
+            conn.start_soon(self.crash)
+
+        async def crash(self) -> None:
+            await trio.sleep(0.05)
+            raise ValueError("boom")
+
+    Crashing.log = log
+    with trio.fail_after(TIMEOUT):
+        async with serving(Crashing, close_timeout=0.5) as server:
+            stream, reader, _ = await raw_connect(server.port)
+            frame = await reader.read_frame()
+            assert frame is not None
+            assert frame.close_code == 1011
+            start = trio.current_time()
+            # We never answer the close frame, and keep TCP open.
+            await wait_until(lambda: disconnect_time(log) is not None, 2.0, "on_disconnect ran")
+            assert disconnect_time(log) - start < 1.0  # type: ignore[operator]
+            await wait_until(lambda: not server.connections, 1.0, "registry emptied")
+            await stream.aclose()
+
+
+BIG = b"x" * 65536
+
+
+async def raw_client_that_stops_reading(port: int, messages: int = 1) -> trio.SocketStream:
+    stream, _, _ = await raw_connect(port)
+    for _ in range(messages):
+        await stream.send_all(build_frame(OP_TEXT, b"go"))
+    return stream  # and never read from it again
+
+
+async def test_hook_blocked_writing_to_a_peer_that_stopped_reading_ends() -> None:
+    log: list[tuple[str, Any, float]] = []
+
+    class Streaming(Recording):
+        async def on_text(self, conn: WebSocketConnection, text: str) -> None:
+            while True:
+                await conn.send_message(BIG)
+
+    Streaming.log = log
+    with trio.fail_after(TIMEOUT + 5):
+        options = {"ping_interval": 0.2, "ping_timeout": 0.3, "close_timeout": 1}
+        async with serving(Streaming, **options) as server:
+            stream = await raw_client_that_stops_reading(server.port)
+            await wait_until(lambda: disconnect_time(log) is not None, 4.0, "on_disconnect ran")
+            assert [detail for what, detail, _ in log if what == "disconnect"] == [1011]
+            await stream.aclose()
+
+
+@pytest.mark.parametrize("paused", [False, True])
+async def test_function_blocked_writing_to_a_peer_that_stopped_reading_ends(paused: bool) -> None:
+    """Also while the reader is paused by a full queue (the peer sent more first)."""
+    reasons: list[int] = []
+
+    async def handler(request: Any) -> None:
+        conn = await request.accept()
+        await conn.get_message()
+        try:
+            while True:
+                await conn.send_message(BIG)
+        except ConnectionClosed:
+            reasons.append((await conn.wait_closed()).code)
+
+    with trio.fail_after(TIMEOUT + 5):
+        options = {"ping_interval": 0.2, "ping_timeout": 0.3, "max_queue": 1, "close_timeout": 1}
+        async with serving(handler, **options) as server:
+            stream = await raw_client_that_stops_reading(server.port, 5 if paused else 1)
+            await wait_until(lambda: bool(reasons), 4.0, "the handler's send ended")
+            assert reasons == [1011]
+            await stream.aclose()
+
+
+# -- C: state stays true ----------------------------------------------------------
+
+
+def inflate(frame: Any) -> bytes:
+    """The payload of a frame, inflated when compressed (each message afresh)."""
+    if not frame.rsv & 4:
+        return bytes(frame.payload)
+    return zlib.decompressobj(-15).decompress(frame.payload + b"\x00\x00\xff\xff")
+
+
+@pytest.mark.parametrize(
+    ("offer", "expected"),
+    [
+        ("", ProtocolState.OPEN),
+        ("permessage-deflate; server_no_context_takeover", ProtocolState.OPEN),
+        # The frame advanced the compression context the next ones depend on.
+        ("permessage-deflate", ProtocolState.BROKEN),
+    ],
+)
+async def test_send_cancelled_before_any_byte_leaves_the_connection_usable(
+    offer: str, expected: ProtocolState
+) -> None:
+    outcome: dict[str, Any] = {}
+    filled = trio.Event()
+    drained = trio.Event()
+
+    async def handler(request: Any) -> None:
+        conn = await request.accept()
+        conn._stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        sent = 0
+        while True:  # small frames until the socket is full: a send must wait
+            with trio.move_on_after(0.1) as scope:
+                await conn.send_message(b"x")
+            if scope.cancelled_caught:
+                break
+            sent += 1
+        outcome["sent"] = sent
+        outcome["state"] = conn.state
+        filled.set()
+        if conn.state is ProtocolState.OPEN:
+            await drained.wait()
+            await conn.send_message("after")
+        await conn.wait_closed()
+
+    with trio.fail_after(TIMEOUT + 5):
+        async with serving(handler) as server:
+            sock = trio.socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            await sock.connect((HOST, server.port))
+            stream = trio.SocketStream(sock)
+            extra = [("Sec-WebSocket-Extensions", offer)] if offer else []
+            await stream.send_all(upgrade_request(extra=extra))
+            head = await read_response(stream)
+            assert head.status == 101
+            assert bool(head.header("Sec-WebSocket-Extensions")) == bool(offer)
+            await filled.wait()
+            assert outcome["state"] is expected
+            if expected is ProtocolState.BROKEN:
+                await stream.aclose()
+                return
+            drained.set()
+            reader = FrameReader(stream, head.rest)
+            for _ in range(outcome["sent"]):
+                frame = await reader.read_frame()
+                assert frame is not None
+                assert (frame.opcode, inflate(frame)) == (OP_BINARY, b"x")
+            frame = await reader.read_frame()
+            assert frame is not None
+            assert (frame.opcode, inflate(frame)) == (OP_TEXT, b"after")
+            await stream.send_all(build_frame(OP_CLOSE, close_payload(1000)))
+            frame = await reader.read_frame()
+            assert frame is not None
+            assert frame.close_code == 1000
+            await stream.aclose()
+
+
+async def test_set_handler_from_another_task_waits_for_the_running_hook() -> None:
+    log: list[tuple[str, Any, float]] = []
+
+    class New(Recording):
+        async def on_connect(self, conn: WebSocketConnection) -> None:
+            self.record("new.on_connect")
+
+    class Old(Recording):
+        async def on_text(self, conn: WebSocketConnection, text: str) -> None:
+            self.record("old.on_text start")
+            conn.start_soon(conn.set_handler, New())
+            await trio.sleep(0.2)
+            self.record("old.on_text end")
+
+    Old.log = New.log = log
+    with trio.fail_after(TIMEOUT):
+        async with serving(Old) as server:
+            stream, _, _ = await raw_connect(server.port)
+            await stream.send_all(build_frame(OP_TEXT, b"go"))
+            await wait_until(lambda: len(log) >= 3, 2.0, "three hooks ran")
+            assert [what for what, _, _ in log][:3] == [
+                "old.on_text start",
+                "old.on_text end",
+                "new.on_connect",
+            ]
+            await stream.aclose()

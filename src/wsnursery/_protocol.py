@@ -230,6 +230,14 @@ def _valid_received_code(code: int) -> bool:
     return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
 
 
+def _fresh_per_message(extension: Extension, client: bool) -> bool:
+    if isinstance(extension, PerMessageDeflate):
+        if client:
+            return bool(extension.client_no_context_takeover)
+        return bool(extension.server_no_context_takeover)
+    return False
+
+
 class _FrameProtocol(FrameProtocol):
     """wsproto's frame layer, with the close codes RFC 6455 and IANA allow.
 
@@ -310,6 +318,12 @@ class Protocol:
         self._deflate = next(
             (e for e in self.extensions if isinstance(e, BoundedPerMessageDeflate)), None
         )
+        #: True when a frame made by :meth:`frame_message` may be left unsent
+        #: without breaking the next ones: no extension, or permessage-deflate
+        #: that compresses each message afresh (no context takeover on our
+        #: side). With context takeover the next message is compressed
+        #: against this one, which the peer would never have seen.
+        self.frames_droppable = all(_fresh_per_message(e, client) for e in self.extensions)
         self._out = bytearray()
         self._parts: list[Message] = []
         self._size = 0
