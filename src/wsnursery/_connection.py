@@ -873,7 +873,11 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
             Cancelled before any byte went out, nothing is sent and the
             connection stays usable. Cancelled with part of the frame written,
             the connection is marked BROKEN and closed (close code 1006): a
-            half-sent frame cannot be taken back.
+            half-sent frame cannot be taken back. Two cases count as partly
+            written: a stream other than a plain TCP socket (TLS), where what
+            went out is unknown once a write waited, and permessage-deflate
+            with context takeover on our side, where the framed message
+            already advanced the compression context.
         """
         await checkpoint_if_cancelled()
         kind = type(message)
