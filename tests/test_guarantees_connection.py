@@ -292,7 +292,7 @@ async def test_hook_blocked_writing_to_a_peer_that_stopped_reading_ends() -> Non
 
     Streaming.log = log
     with trio.fail_after(TIMEOUT + 5):
-        options = {"ping_interval": 0.2, "ping_timeout": 0.3, "close_timeout": 1}
+        options = {"ping_interval": 0.2, "ping_timeout": 0.3}
         async with serving(Streaming, **options) as server:
             stream = await raw_client_that_stops_reading(server.port)
             await wait_until(lambda: disconnect_time(log) is not None, 4.0, "on_disconnect ran")
@@ -315,7 +315,7 @@ async def test_function_blocked_writing_to_a_peer_that_stopped_reading_ends(paus
             reasons.append((await conn.wait_closed()).code)
 
     with trio.fail_after(TIMEOUT + 5):
-        options = {"ping_interval": 0.2, "ping_timeout": 0.3, "max_queue": 1, "close_timeout": 1}
+        options = {"ping_interval": 0.2, "ping_timeout": 0.3, "max_queue": 1}
         async with serving(handler, **options) as server:
             stream = await raw_client_that_stops_reading(server.port, 5 if paused else 1)
             await wait_until(lambda: bool(reasons), 4.0, "the handler's send ended")

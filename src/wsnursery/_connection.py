@@ -468,8 +468,11 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
                 await self._close_transport("the peer did not finish the closing handshake in time")
                 scope.deadline = trio.current_time() + _timeout(self._close_timeout)
                 assert proto.closed is not None
-                while self._foreign_hook:  # set_handler's on_connect, from another task
-                    await self._hook_parking_lot().park()
+                if self._foreign_hook:  # set_handler's on_connect, from another task
+                    with trio.move_on_after(_timeout(self._close_timeout)):
+                        while self._foreign_hook:
+                            await self._hook_parking_lot().park()
+                scope.deadline = trio.current_time() + _timeout(self._close_timeout)
                 try:
                     await self._hooks().on_disconnect(self, proto.closed)
                 except Exception:
@@ -617,6 +620,7 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
         while self._hook_running or self._foreign_hook:
             await lot.park()
         self._foreign_hook = True
+        failed = False
         try:
             self._handler = handler
             await handler.on_connect(self)
@@ -624,10 +628,13 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
             pass
         except Exception:
             logger.exception("handler hook on_connect failed on %s; closing with 1011", self)
-            await self._start_close(CloseCode.INTERNAL_ERROR, "internal error")
+            failed = True
         finally:
             self._foreign_hook = False
             lot.unpark_all()
+        if failed:
+            # After letting the dispatch task go: it reads the peer's answer.
+            await self._start_close(CloseCode.INTERNAL_ERROR, "internal error")
 
     async def _wait_for_eof(self) -> None:
         with trio.move_on_after(_timeout(self._close_timeout)):
@@ -675,28 +682,27 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
     def keepalive_due(self) -> bool:
         """True when a keep-alive check should run now (for a shared scheduler).
 
-        While nothing is read (a full queue, or a hook running on a handler
-        object) a pong could not be seen: the check is due only when a write
-        waits for the peer, and then :meth:`_keepalive_once` watches whether
-        the peer takes any byte.
+        Due when a write waits for the peer (:meth:`_keepalive_once` then
+        watches whether the peer takes any byte), or else when the reader
+        reads: while nothing is read (a full queue, or a hook running on a
+        handler object) a pong could not be seen.
         """
         if self._ping_interval is None or self._proto.state is not _OPEN or self._keepalive_busy:
             return False
-        if not self._reader_paused:
-            return True
         lock = self._send_lock
-        return lock is not None and lock.locked()
+        return (lock is not None and lock.locked()) or not self._reader_paused
 
     async def _keepalive_once(self) -> None:
         """Ping; if no pong comes within ping_timeout, fail the connection with 1011.
 
-        While nothing is read, a write that waits for the peer is watched
-        instead: if the peer takes no byte within ping_timeout, it is failed
-        with 1011 the same way.
+        When a write waits for the peer, a ping could only go out after it:
+        the write is watched instead, and a peer that takes no byte of it
+        within ping_timeout is failed with 1011 the same way.
         """
         self._keepalive_busy = True
         self._paused_during_ping = False
-        if self._reader_paused:
+        lock = self._send_lock
+        if lock is not None and lock.locked():
             try:
                 await self._watch_stuck_write()
             finally:
