@@ -145,3 +145,17 @@ def test_protocol_parses_a_bounded_slice_per_call() -> None:
         slices += 1
     assert len(proto.messages) == n
     assert slices == 11
+
+
+def test_observed_client_protocol_sees_every_slice() -> None:
+    """The reconnecting client's observer hears of frames parsed by resume() too."""
+    from wsnursery._client import _ObservedProtocol
+    from wsnursery._protocol import WORK_BUDGET
+
+    seen: list[tuple[str, Any]] = []
+    proto = _ObservedProtocol(lambda kind, value: seen.append((kind, value)), client=True)
+    n = 3 * WORK_BUDGET
+    proto.receive_data(build_frame(OP_TEXT, b"hi", mask=None) * n)
+    while proto.budget <= 0:
+        proto.resume()
+    assert seen == [("message", "hi")] * n
