@@ -300,6 +300,51 @@ async def test_hook_blocked_writing_to_a_peer_that_stopped_reading_ends() -> Non
             await stream.aclose()
 
 
+async def small_buffer_connect(port: int, extra: Any = ()) -> tuple[trio.SocketStream, Any]:
+    """A raw client whose socket buffers little: the server's writes soon wait."""
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await sock.connect((HOST, port))
+    stream = trio.SocketStream(sock)
+    await stream.send_all(upgrade_request(extra=extra))
+    head = await read_response(stream)
+    assert head.status == 101
+    return stream, head
+
+
+async def test_hook_writing_to_a_slow_but_reading_peer_is_left_alone() -> None:
+    """The keep-alive fails a peer that takes no byte, not one that reads slowly."""
+    log: list[tuple[str, Any, float]] = []
+    count = 16
+
+    class Streaming(Recording):
+        async def on_text(self, conn: WebSocketConnection, text: str) -> None:
+            conn._stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+            for _ in range(count):
+                await conn.send_message(BIG)
+            self.record("sent all")
+
+    Streaming.log = log
+    with trio.fail_after(TIMEOUT + 5):
+        options = {"ping_interval": 0.2, "ping_timeout": 0.3}
+        async with serving(Streaming, **options) as server:
+            stream, head = await small_buffer_connect(server.port)
+            await stream.send_all(build_frame(OP_TEXT, b"go"))
+            received = len(head.rest)
+            total = count * (len(BIG) + 10)
+            while received < total:
+                await trio.sleep(0.05)  # about 1 MB/s: slower than the hook writes
+                burst = 0
+                while burst < min(65536, total - received):
+                    chunk = await stream.receive_some(65536)
+                    assert chunk
+                    burst += len(chunk)
+                received += burst
+            await wait_until(lambda: bool(log), 2.0, "the hook returned")
+            assert [what for what, _, _ in log] == ["sent all"]
+            await stream.aclose()
+
+
 @pytest.mark.parametrize("paused", [False, True])
 async def test_function_blocked_writing_to_a_peer_that_stopped_reading_ends(paused: bool) -> None:
     """Also while the reader is paused by a full queue (the peer sent more first)."""
@@ -369,14 +414,8 @@ async def test_send_cancelled_before_any_byte_leaves_the_connection_usable(
 
     with trio.fail_after(TIMEOUT + 5):
         async with serving(handler) as server:
-            sock = trio.socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            await sock.connect((HOST, server.port))
-            stream = trio.SocketStream(sock)
             extra = [("Sec-WebSocket-Extensions", offer)] if offer else []
-            await stream.send_all(upgrade_request(extra=extra))
-            head = await read_response(stream)
-            assert head.status == 101
+            stream, head = await small_buffer_connect(server.port, extra)
             assert bool(head.header("Sec-WebSocket-Extensions")) == bool(offer)
             await filled.wait()
             assert outcome["state"] is expected

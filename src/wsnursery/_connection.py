@@ -466,7 +466,6 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
         finally:
             with trio.CancelScope(shield=True) as scope:
                 await self._close_transport("the peer did not finish the closing handshake in time")
-                scope.deadline = trio.current_time() + _timeout(self._close_timeout)
                 assert proto.closed is not None
                 if self._foreign_hook:  # set_handler's on_connect, from another task
                     with trio.move_on_after(_timeout(self._close_timeout)):
