@@ -15,6 +15,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from functools import partial
 from typing import Any
 
 import pytest
@@ -127,6 +128,49 @@ async def test_flood_does_not_freeze_the_event_loop(api: str, kind: str) -> None
     elif api == "handler-object":
         assert Counting.texts > 0
     assert worst < MAX_GAP, f"worst ticker gap {worst * 1000:.0f} ms during a {kind} flood"
+
+
+def flood_until_blocked(port: int, blob: bytes, result: dict[str, Any]) -> None:
+    """Send pings and never read: return once a sendall has waited 1 s (or after 15 s)."""
+    with socket.create_connection((HOST, port), timeout=10) as sock:
+        sock.sendall(upgrade_request())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(4096)
+        sock.settimeout(1.0)
+        deadline = time.monotonic() + 15
+        result["blocked"] = False
+        while time.monotonic() < deadline:
+            try:
+                sock.sendall(blob)
+            except TimeoutError:
+                result["blocked"] = True
+                break
+        result["done"] = True
+        time.sleep(0.2)  # let the test look at the server side first
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+async def test_ping_flood_from_a_peer_that_reads_no_pong_is_bounded() -> None:
+    """The server stops reading when its pongs cannot be written: TCP holds the flood."""
+    from wsnursery._protocol import WORK_BUDGET
+
+    result: dict[str, Any] = {}
+    async with serving(echo_function, ping_interval=None) as server:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(
+                    partial(trio.to_thread.run_sync, flood_until_blocked),
+                    server.port,
+                    BLOBS["ping"],
+                    result,
+                )
+                while "done" not in result:
+                    await trio.sleep(0.05)
+                (conn,) = server.connections.values()
+                # Pongs waiting in the protocol: at most one parsing step's.
+                assert len(conn._proto._out) <= WORK_BUDGET * 127
+    assert result["blocked"]
 
 
 def test_protocol_parses_a_bounded_slice_per_call() -> None:

@@ -11,6 +11,11 @@ caller provides (the server's per-connection nursery, or the one
 ``open_websocket`` opens), and neither ever raises: a failure is recorded as the
 close reason and ends the connection.
 
+A read only waits when the socket is empty, so a peer that keeps it full would
+keep a read loop from ever yielding: the protocol parses at most WORK_BUDGET
+frames (or 1 MiB) per step, and both read loops (``_reader``, ``_dispatch``)
+reach a schedule point before the next step.
+
 Receiving is bounded: when ``max_queue`` messages wait unread, the reader stops
 reading the socket, so TCP flow control slows the peer down. Frames that came in
 the same read as the message that filled the queue (pings, the close frame) are
