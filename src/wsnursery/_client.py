@@ -49,12 +49,13 @@ class _ObservedProtocol(Protocol):
         super().__init__(**kwargs)
         self._observer = observer
 
-    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+    def _parse(self) -> None:
+        # Each parsing step (receive_data, or resume when the budget ran out).
         messages, pings = len(self.messages), self.pings_received
         pongs, close = len(self.pongs), self.close_received
-        super().receive_data(data)
+        super()._parse()
         try:
-            # Within one read, messages and control frames are told apart,
+            # Within one step, messages and control frames are told apart,
             # not interleaved: each kind in its own order.
             for index in range(messages, len(self.messages)):
                 self._observer("message", self.messages[index])

@@ -11,6 +11,11 @@ caller provides (the server's per-connection nursery, or the one
 ``open_websocket`` opens), and neither ever raises: a failure is recorded as the
 close reason and ends the connection.
 
+A read only waits when the socket is empty, so a peer that keeps it full would
+keep a read loop from ever yielding: the protocol parses at most WORK_BUDGET
+frames (or 1 MiB) per step, and both read loops (``_reader``, ``_dispatch``)
+reach a schedule point before the next step.
+
 Receiving is bounded: when ``max_queue`` messages wait unread, the reader stops
 reading the socket, so TCP flow control slows the peer down. Frames that came in
 the same read as the message that filled the queue (pings, the close frame) are
@@ -43,7 +48,7 @@ from trio.lowlevel import (
 )
 
 from ._exceptions import CloseCode, CloseReason, ConnectionClosed
-from ._protocol import Frame, Message, Protocol, ProtocolState
+from ._protocol import WORK_BUDGET, Frame, Message, Protocol, ProtocolState
 from ._util import LazyAddresses
 
 if TYPE_CHECKING:
@@ -82,16 +87,24 @@ def _frame_size(frame: Frame) -> int:
 class _Transport:
     """Moves bytes for a connection over any :class:`trio.abc.Stream`."""
 
-    __slots__ = ("stream",)
+    __slots__ = ("progress", "stream")
+
+    #: True when :attr:`progress` counts every write that moved bytes, so that
+    #: an unchanged count proves nothing of a frame went out.
+    exact_progress = False
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
+        #: Counts the waiting writes that made progress (see ``send``): the
+        #: keep-alive tells a stuck peer from a slow one by it.
+        self.progress = 0
 
     async def receive(self) -> bytes | bytearray | memoryview:
         return await self.stream.receive_some(_READ_SIZE)
 
     async def send(self, data: Frame | memoryview) -> None:
         await self.stream.send_all(b"".join(data) if isinstance(data, list) else data)
+        self.progress += 1
 
     def try_send(self, data: Frame) -> int:
         """Write what fits without blocking; the generic path writes nothing."""
@@ -113,6 +126,8 @@ class _SocketTransport(_Transport):
     """
 
     __slots__ = ("fd",)
+
+    exact_progress = True
 
     def __init__(self, stream: trio.SocketStream) -> None:
         super().__init__(stream)
@@ -147,7 +162,10 @@ class _SocketTransport(_Transport):
             if self.fd < 0:
                 raise trio.ClosedResourceError("connection closed")
             await wait_writable(self.fd)
-            view = view[self.try_send(view) :]  # type: ignore[arg-type]
+            n = self.try_send(view)  # type: ignore[arg-type]
+            if n:
+                self.progress += 1
+                view = view[n:]
 
     async def close(self) -> None:
         # SocketStream.aclose is socket.close() plus a checkpoint: skip the checkpoint.
@@ -200,7 +218,10 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
         "_close_timeout",
         "_dispatch_task",
         "_finished",
+        "_foreign_hook",
         "_handler",
+        "_hook_lot",
+        "_hook_running",
         "_keepalive_busy",
         "_max_queue",
         "_message_lot",
@@ -290,6 +311,11 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
         self._dispatch_task: trio.lowlevel.Task | None = None
         self._close_hook_done = False
         self._close_deadline = math.inf
+        # Hooks run one at a time: the dispatch task's, or an on_connect that
+        # set_handler runs from another task (waiters park in _hook_lot).
+        self._hook_running = False
+        self._foreign_hook = False
+        self._hook_lot: ParkingLot | None = None
         #: The connection's ID, unique in the process.
         self.id = f"{next(_ids):x}"
         #: The user the authenticator returned, or None.
@@ -351,8 +377,14 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
                     await self._message_lot.park()
                     self._reader_paused = False
                     continue
-                data = await transport.receive()
-                proto.receive_data(data)
+                if proto.budget <= 0:
+                    # A peer that keeps the socket full never makes the read
+                    # wait: yield every WORK_BUDGET frames (or 1 MiB) instead.
+                    await checkpoint()
+                    proto.resume()
+                else:
+                    data = await transport.receive()
+                    proto.receive_data(data)
                 if proto._out or proto.pongs or proto.transport_should_close:
                     await self._after_receive()
                 elif proto.messages and self._message_lot:
@@ -402,6 +434,12 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
                 if proto.state is ProtocolState.CLOSED:
                     await self._wait_for_eof()
                     break
+                if proto.budget <= 0:
+                    # The socket kept us busy since the last wait: let other
+                    # tasks run before parsing on (see Protocol.receive_data).
+                    await checkpoint()
+                    proto.resume()
+                    continue
                 if proto.state is ProtocolState.CLOSING:
                     # We sent the close frame (a hook failed, or aclose from a
                     # hook): wait for the answer, but not forever.
@@ -420,6 +458,7 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
                             n = os.readv(fd, _SHARED_BUFFERS)
                         except BlockingIOError:
                             await wait_readable(fd)
+                            proto.budget = WORK_BUDGET  # we waited: a schedule point
                             continue
                         data = _SHARED_VIEW[:n]
                         break
@@ -432,8 +471,12 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
         finally:
             with trio.CancelScope(shield=True) as scope:
                 await self._close_transport("the peer did not finish the closing handshake in time")
-                scope.deadline = trio.current_time() + _timeout(self._close_timeout)
                 assert proto.closed is not None
+                if self._foreign_hook:  # set_handler's on_connect, from another task
+                    with trio.move_on_after(_timeout(self._close_timeout)):
+                        while self._foreign_hook:
+                            await self._hook_parking_lot().park()
+                scope.deadline = trio.current_time() + _timeout(self._close_timeout)
                 try:
                     await self._hooks().on_disconnect(self, proto.closed)
                 except Exception:
@@ -467,7 +510,17 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
         return self._handler
 
     async def _call_hook(self, hook: Callable[..., Awaitable[None]], *args: Any) -> bool:
-        """Run a hook; if it raises, log it and start closing with 1011. True if it returned."""
+        """Run a hook; if it raises, log it and start closing with 1011. True if it returned.
+
+        Called by the dispatch task only. Hooks run one at a time: this waits
+        while ``set_handler``, called from another task, runs an ``on_connect``.
+        """
+        if self._foreign_hook:
+            lot = self._hook_parking_lot()
+            while self._foreign_hook:
+                await lot.park()
+        running = self._hook_running  # True when a hook calls set_handler
+        self._hook_running = True
         try:
             await hook(self, *args)
         except ConnectionClosed:
@@ -476,7 +529,17 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
             logger.exception("handler hook %s failed on %s; closing with 1011", hook.__name__, self)
             await self._start_close(CloseCode.INTERNAL_ERROR, "internal error")
             return False
+        finally:
+            self._hook_running = running
+            if self._hook_lot is not None:
+                self._hook_lot.unpark_all()
         return True
+
+    def _hook_parking_lot(self) -> ParkingLot:
+        lot = self._hook_lot
+        if lot is None:
+            lot = self._hook_lot = ParkingLot()
+        return lot
 
     async def _start_close(self, code: int, reason: str) -> None:
         """Send a close frame without waiting for the answer (the dispatch loop reads it)."""
@@ -491,6 +554,17 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
             if scope.cancelled_caught:
                 # The peer does not read: give up on the handshake.
                 await self._close_transport("the peer did not read our close frame in time")
+            elif trio.lowlevel.current_task() is not self._dispatch_task:
+                # The dispatch task may be waiting in a read with no deadline
+                # (it did not see us start closing): bound the handshake here.
+                with trio.move_on_at(self._close_deadline):
+                    await self._finished.wait()
+                if not self._finished.is_set():
+                    await _shielded(
+                        self._close_transport(
+                            "the peer did not finish the closing handshake in time"
+                        )
+                    )
 
     def start_soon(self, async_fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
         """Start a task that lives in this connection's nursery and ends with it.
@@ -524,23 +598,54 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
 
         From the next event on, ``handler`` gets the hooks, starting with its
         ``on_connect`` (called here); ``on_disconnect`` goes to whichever
-        handler holds the connection when it ends.
+        handler holds the connection when it ends. Hooks never run at the
+        same time: called from another task (one started with
+        :meth:`start_soon`), this first waits until the running hook returns,
+        and the next hooks wait until ``on_connect`` has returned. Called
+        from a hook, ``on_connect`` runs at once, inside it.
 
         Raises:
             RuntimeError: the connection is not served by a handler object.
 
         Cancellation:
-            As for the new handler's ``on_connect``.
+            While waiting for a running hook, nothing has changed: the old
+            handler keeps the connection. Once ``on_connect`` runs, as for
+            ``on_connect``.
         """
         if self._dispatch_task is None:
             raise RuntimeError("only a connection served by a WebSocketHandler can be handed over")
-        self._handler = handler
-        await self._call_hook(handler.on_connect)
+        if trio.lowlevel.current_task() is self._dispatch_task:
+            self._handler = handler  # from a hook: the next hook is on_connect
+            await self._call_hook(handler.on_connect)
+            return
+        # From another task: hooks run one at a time, so wait for the running
+        # one (and any other set_handler) to return first.
+        lot = self._hook_parking_lot()
+        while self._hook_running or self._foreign_hook:
+            await lot.park()
+        self._foreign_hook = True
+        failed = False
+        try:
+            self._handler = handler
+            await handler.on_connect(self)
+        except ConnectionClosed:
+            pass
+        except Exception:
+            logger.exception("handler hook on_connect failed on %s; closing with 1011", self)
+            failed = True
+        finally:
+            self._foreign_hook = False
+            lot.unpark_all()
+        if failed:
+            # After letting the dispatch task go: it reads the peer's answer.
+            await self._start_close(CloseCode.INTERNAL_ERROR, "internal error")
 
     async def _wait_for_eof(self) -> None:
         with trio.move_on_after(_timeout(self._close_timeout)):
+            # A checkpoint per read: a peer that keeps sending must not keep
+            # the deadline from firing (the socket read never waits then).
             while await self._transport.receive():
-                pass
+                await checkpoint()
 
     async def _after_receive(self) -> None:
         proto = self._proto
@@ -579,18 +684,34 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
                 await self._keepalive_once()
 
     def keepalive_due(self) -> bool:
-        """True when a keep-alive ping should go out now (for a shared scheduler)."""
-        return (
-            self._ping_interval is not None
-            and self._proto.state is _OPEN
-            and not self._reader_paused  # the peer fills our queue: it is alive
-            and not self._keepalive_busy
-        )
+        """True when a keep-alive check should run now (for a shared scheduler).
+
+        Due when a write waits for the peer (:meth:`_keepalive_once` then
+        watches whether the peer takes any byte), or else when the reader
+        reads: while nothing is read (a full queue, or a hook running on a
+        handler object) a pong could not be seen.
+        """
+        if self._ping_interval is None or self._proto.state is not _OPEN or self._keepalive_busy:
+            return False
+        lock = self._send_lock
+        return (lock is not None and lock.locked()) or not self._reader_paused
 
     async def _keepalive_once(self) -> None:
-        """Ping; if no pong comes within ping_timeout, fail the connection with 1011."""
+        """Ping; if no pong comes within ping_timeout, fail the connection with 1011.
+
+        When a write waits for the peer, a ping could only go out after it:
+        the write is watched instead, and a peer that takes no byte of it
+        within ping_timeout is failed with 1011 the same way.
+        """
         self._keepalive_busy = True
         self._paused_during_ping = False
+        lock = self._send_lock
+        if lock is not None and lock.locked():
+            try:
+                await self._watch_stuck_write()
+            finally:
+                self._keepalive_busy = False
+            return
         try:
             with trio.move_on_after(_timeout(self._ping_timeout)) as scope:
                 await self.ping()
@@ -601,6 +722,25 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
         if scope.cancelled_caught and not self._paused_during_ping:
             logger.info("keep-alive ping timeout on %s; closing", self.remote)
             await self._fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+
+    async def _watch_stuck_write(self) -> None:
+        """Fail with 1011 a peer that takes no byte of our writes for ping_timeout."""
+        transport = self._transport
+        progress = transport.progress
+        await trio.sleep(_timeout(self._ping_timeout))
+        lock = self._send_lock
+        if (
+            self._proto.state is _OPEN
+            and not self._transport_closed
+            and lock is not None
+            and lock.locked()
+            and transport.progress == progress
+        ):
+            logger.info("keep-alive: %s took no byte in ping_timeout; closing", self.remote)
+            # The close frame would queue behind the stuck write: drop TCP now.
+            # The waiting writer gets ConnectionClosed (1011).
+            self._proto.fail(CloseCode.INTERNAL_ERROR, "keepalive: the peer stopped reading")
+            await self._close_transport()
 
     async def _fail(self, code: int, reason: str) -> None:
         """Fail the connection: send a close frame (best effort) and drop TCP."""
@@ -667,8 +807,9 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
             outbox = self._outbox
             if outbox is not None and outbox.frames:
                 # Queued broadcast frames were framed first: they go first.
-                data = outbox.take(data)
-            await self._transmit(data)
+                await self._transmit(outbox.take(data))
+            else:
+                await self._transmit(data, droppable=self._proto.frames_droppable)
         finally:
             lock.release()
 
@@ -686,15 +827,25 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
         lock = self._writing_lock()
         lock.acquire_nowait()  # free: nothing was awaited since the check
         try:
-            await self._transmit(rest)
+            await self._transmit(rest, droppable=not sent and self._proto.frames_droppable)
         finally:
             lock.release()
 
-    async def _transmit(self, data: Frame | memoryview) -> None:
+    async def _transmit(self, data: Frame | memoryview, *, droppable: bool = False) -> None:
+        """Write ``data`` whole; a cancelled write breaks the stream unless nothing went out.
+
+        ``droppable``: ``data`` is one frame, none of it written yet, that may
+        be left unsent (no compression context depends on it). Cancelled
+        before the socket took any byte of it, the connection stays usable.
+        """
+        transport = self._transport
+        progress = transport.progress
         try:
-            await self._transport.send(data)
+            await transport.send(data)
         except trio.Cancelled:
-            if not self._transport_closed:
+            if not self._transport_closed and not (
+                droppable and transport.exact_progress and transport.progress == progress
+            ):
                 # A frame is framed and maybe partly written: the stream is unusable.
                 self._proto.send_failed("send cancelled midway")
                 await _shielded(self._close_transport())
@@ -732,7 +883,11 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
             Cancelled before any byte went out, nothing is sent and the
             connection stays usable. Cancelled with part of the frame written,
             the connection is marked BROKEN and closed (close code 1006): a
-            half-sent frame cannot be taken back.
+            half-sent frame cannot be taken back. Two cases count as partly
+            written: a stream other than a plain TCP socket (TLS), where what
+            went out is unknown once a write waited, and permessage-deflate
+            with context takeover on our side, where the framed message
+            already advanced the compression context.
         """
         await checkpoint_if_cancelled()
         kind = type(message)

@@ -41,6 +41,7 @@ from typing import cast
 
 from wsproto.extensions import Extension, PerMessageDeflate
 from wsproto.frame_protocol import CloseReason as _WsprotoClose
+from wsproto.frame_protocol import Frame as _WsprotoFrame
 from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
 
 from ._exceptions import CloseCode, CloseReason
@@ -61,6 +62,9 @@ _BINARY = Opcode.BINARY
 _PING = Opcode.PING
 _PONG = Opcode.PONG
 _CLOSE = Opcode.CLOSE
+#: Frames parsed (each 16 KiB received counts as one more) before the caller
+#: should reach a schedule point: see Protocol.receive_data and resume.
+WORK_BUDGET = 64
 
 
 def encode_frame(message: Message | bytearray | memoryview, key: bytes | None = None) -> Frame:
@@ -159,6 +163,20 @@ class ProtocolState(enum.Enum):
     BROKEN = "broken"
 
 
+def compressed_size_bound(max_message_size: int) -> int:
+    """The largest compressed payload accepted for a message of ``max_message_size``.
+
+    Deflate can make incompressible data larger: zlib's own worst case, for
+    any level, window and memory setting (``deflateBound`` with non-default
+    parameters), is n + n/8 + n/64 + 11 bytes, about 14 %. A quarter more plus
+    1 KiB (for the sync-flush markers of a message sent in many frames)
+    covers every real encoder; only deliberately padded deflate data (empty
+    stored blocks) could be larger and still inflate within the limit, and is
+    refused with 1009.
+    """
+    return max_message_size + (max_message_size >> 2) + 1024
+
+
 class BoundedPerMessageDeflate(PerMessageDeflate):
     """permessage-deflate (RFC 7692) that refuses to inflate past a size limit.
 
@@ -174,6 +192,8 @@ class BoundedPerMessageDeflate(PerMessageDeflate):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.max_message_size = max_message_size
         self._inflated = 0
+        #: Compressed payload bytes received of the current message.
+        self.compressed_received = 0
 
     def frame_inbound_payload_data(self, proto: object, data: bytes) -> bytes | _WsprotoClose:
         if (
@@ -182,6 +202,7 @@ class BoundedPerMessageDeflate(PerMessageDeflate):
             or not self._inbound_is_compressible
         ):
             return super().frame_inbound_payload_data(proto, data)  # type: ignore[arg-type]
+        self.compressed_received += len(data)
         decompressor = self._decompressor
         assert decompressor is not None
         # max_length=0 would mean "no limit": the budget is always at least 1.
@@ -198,8 +219,48 @@ class BoundedPerMessageDeflate(PerMessageDeflate):
     def frame_inbound_complete(self, proto: object, fin: bool) -> bytes | _WsprotoClose | None:
         result = super().frame_inbound_complete(proto, fin)  # type: ignore[arg-type]
         if fin:
-            self._inflated = 0
+            self._inflated = self.compressed_received = 0
         return result
+
+
+# RFC 6455 section 7.4 and the IANA registry: the codes a close frame may carry.
+# 1004 is reserved, 1005, 1006 and 1015 never go on the wire, 1016-2999 are
+# unassigned (or for extensions), 3000-4999 are for libraries and applications.
+def _valid_received_code(code: int) -> bool:
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+
+
+def _fresh_per_message(extension: Extension, client: bool) -> bool:
+    if isinstance(extension, PerMessageDeflate):
+        if client:
+            return bool(extension.client_no_context_takeover)
+        return bool(extension.server_no_context_takeover)
+    return False
+
+
+class _FrameProtocol(FrameProtocol):
+    """wsproto's frame layer, with the close codes RFC 6455 and IANA allow.
+
+    wsproto refuses registered codes it does not know (1014, Bad Gateway).
+    """
+
+    def _process_close(self, frame: _WsprotoFrame) -> _WsprotoFrame:
+        data = frame.payload
+        assert isinstance(data, (bytes, bytearray))
+        if len(data) < 2:
+            return super()._process_close(frame)
+        (code,) = struct.unpack("!H", data[:2])
+        if not _valid_received_code(code):
+            raise ParseFailed(f"CLOSE with invalid code {code}")
+        try:
+            reason = bytes(data[2:]).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ParseFailed(
+                f"Error decoding CLOSE reason: {exc}", _WsprotoClose.INVALID_FRAME_PAYLOAD_DATA
+            ) from None
+        return _WsprotoFrame(
+            frame.opcode, (code, reason), frame.frame_finished, frame.message_finished
+        )
 
 
 class Protocol:
@@ -229,7 +290,7 @@ class Protocol:
         self.client = client
         self.max_message_size = max_message_size
         self.extensions = list(extensions)
-        self._proto = FrameProtocol(client, self.extensions)
+        self._proto = _FrameProtocol(client, self.extensions)
         #: True when :func:`encode_frame`'s bytes are this side's frame for a
         #: message: a server frame is unmasked, so without an extension the
         #: same bytes serve every such connection (what a broadcast relies on).
@@ -249,6 +310,20 @@ class Protocol:
         self.closed: CloseReason | None = None
         #: True once the caller should close the transport now.
         self.transport_should_close = False
+        #: Work left before the caller should reach a schedule point and call
+        #: :meth:`resume` (see :meth:`receive_data`).
+        self.budget = WORK_BUDGET
+        #: True when the budget ran out with frames maybe still unparsed.
+        self.parse_pending = False
+        self._deflate = next(
+            (e for e in self.extensions if isinstance(e, BoundedPerMessageDeflate)), None
+        )
+        #: True when a frame made by :meth:`frame_message` may be left unsent
+        #: without breaking the next ones: no extension, or permessage-deflate
+        #: that compresses each message afresh (no context takeover on our
+        #: side). With context takeover the next message is compressed
+        #: against this one, which the peer would never have seen.
+        self.frames_droppable = all(_fresh_per_message(e, client) for e in self.extensions)
         self._out = bytearray()
         self._parts: list[Message] = []
         self._size = 0
@@ -261,6 +336,11 @@ class Protocol:
         Never raises for anything the peer sent: violations fail the
         connection (close frame queued, :attr:`closed` set, state CLOSED).
         Data arriving after the connection closed is ignored.
+
+        Parses at most :attr:`budget` frames (each 16 KiB received counts as
+        one more): when the budget runs out, the rest stays buffered until
+        :meth:`resume`. The caller reaches a schedule point in between, so
+        that a peer that keeps the socket full cannot starve other tasks.
         """
         state = self.state
         if state is ProtocolState.CLOSED or state is ProtocolState.BROKEN:
@@ -270,10 +350,25 @@ class Protocol:
         if not data:
             self._receive_eof()
             return
+        self._proto.receive_bytes(data)  # type: ignore[arg-type]
+        self.budget -= len(data) >> 14
+        self._parse()
+
+    def resume(self) -> None:
+        """Refill :attr:`budget` and parse on from where it ran out."""
+        self.budget = WORK_BUDGET
+        if self.parse_pending:
+            self.parse_pending = False
+            state = self.state
+            if state is ProtocolState.OPEN or state is ProtocolState.CLOSING:
+                self._parse()
+
+    def _parse(self) -> None:
         proto = self._proto
-        proto.receive_bytes(data)  # type: ignore[arg-type]
+        budget = self.budget
         try:
             for frame in proto.received_frames():
+                budget -= 1
                 opcode = frame.opcode
                 if opcode is _TEXT or opcode is _BINARY:
                     payload = cast(Message, frame.payload)
@@ -283,14 +378,14 @@ class Protocol:
                             return
                         if self.state is ProtocolState.OPEN:
                             self.messages.append(payload)
-                        continue
-                    self._parts.append(payload)
-                    if self.max_message_size is not None and self._too_big(payload):
-                        return
-                    if frame.message_finished:
-                        parts, self._parts, self._size = self._parts, [], 0
-                        if self.state is ProtocolState.OPEN:
-                            self.messages.append(_join(parts))
+                    else:
+                        self._parts.append(payload)
+                        if self.max_message_size is not None and self._too_big(payload):
+                            return
+                        if frame.message_finished:
+                            parts, self._parts, self._size = self._parts, [], 0
+                            if self.state is ProtocolState.OPEN:
+                                self.messages.append(_join(parts))
                 elif opcode is _PING:
                     self.pings_received += 1
                     if self.state is ProtocolState.OPEN:
@@ -301,8 +396,52 @@ class Protocol:
                     code, reason = cast("tuple[int, str]", frame.payload)
                     self._receive_close(int(code), reason)
                     return
+                if budget <= 0:
+                    # Stop here; resume() goes on after a schedule point.
+                    self.parse_pending = True
+                    return
+            # Everything buffered is parsed. A frame header that already
+            # declares a too-big message is refused now, not after its payload.
+            if self.max_message_size is not None and proto._frame_decoder.header is not None:
+                self._check_declared_size()
         except ParseFailed as exc:
             self.fail(int(exc.code), str(exc))
+        finally:
+            self.budget = budget
+
+    def _check_declared_size(self) -> None:
+        """Fail with 1009 when the frame being received declares too big a message.
+
+        Uncompressed, the message is at least what was received of it plus
+        the frame's declared length: past ``max_message_size`` it is refused
+        at once. Compressed, the declared length says little about the
+        inflated size, so only a compressed length past
+        :func:`compressed_size_bound` of the limit is refused here (no
+        deflate encoder in use produces that much for a message within the
+        limit); below it, inflating stops at the limit as before.
+        """
+        decoder = self._proto._frame_decoder
+        head = decoder.header
+        assert head is not None
+        assert self.max_message_size is not None
+        if head.opcode.iscontrol():
+            return  # at most 125 bytes, and not part of a message
+        remaining = head.payload_len - decoder.payload_consumed
+        deflate = self._deflate
+        if deflate is not None and deflate._inbound_compressed:
+            declared = deflate.compressed_received + remaining
+            limit = compressed_size_bound(self.max_message_size)
+        else:
+            # _size counts this message's payload so far (a few bytes less
+            # while a UTF-8 sequence is split across reads: never more).
+            declared = self._size + remaining if self._parts else remaining
+            limit = self.max_message_size
+        if declared > limit:
+            self._parts = []
+            self.fail(
+                CloseCode.MESSAGE_TOO_BIG,
+                f"frame declares a message larger than {self.max_message_size} bytes",
+            )
 
     def _too_big(self, payload: Message) -> bool:
         """Count a fragment against max_message_size; fail the connection past it."""
