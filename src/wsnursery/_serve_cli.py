@@ -32,7 +32,16 @@ from typing import Any, NoReturn
 
 import trio
 
+from ._cli import (
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    add_server_options,
+    os_error_text,
+    positive_int,
+    stop_gracefully,
+)
 from ._exceptions import BackplaneError
+from ._handler import build_router
 from ._server import HandlerSpec, WebSocketServer
 
 __all__ = ["add_command", "load_app"]
@@ -60,17 +69,13 @@ def load_app(spec: str) -> HandlerSpec:
     return obj  # type: ignore[no-any-return]
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
 def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be positive")
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be positive, not {text}")
     return value
 
 
@@ -82,14 +87,18 @@ def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         description=(
             "Serve MODULE:ATTR (a handler function, a WebSocketHandler class or instance, "
             "or a mapping of paths to those) on HOST:PORT. With --workers N, N processes "
-            "share the port (SO_REUSEPORT) and broadcast to each other through Redis."
+            "share the port (SO_REUSEPORT) and broadcast to each other through Redis. "
+            "Ctrl-C stops gracefully (1001 to every client); a second Ctrl-C at once."
         ),
     )
     serve.add_argument("app", metavar="MODULE:ATTR", help="what to serve, e.g. myapp.ws:Chat")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 for any)")
+    add_server_options(serve, max_message_size=None)
     serve.add_argument(
-        "--workers", type=_positive_int, default=1, help="worker processes (default 1)"
+        "--workers",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="worker processes (default 1)",
     )
     serve.add_argument(
         "--redis",
@@ -99,11 +108,13 @@ def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     serve.add_argument(
         "--redis-namespace",
         default="wsnursery",
+        metavar="PREFIX",
         help="prefix of the Redis channels, to share one Redis between apps (default wsnursery)",
     )
     serve.add_argument(
         "--redis-connect-timeout",
         type=_positive_float,
+        metavar="SECONDS",
         default=5.0,
         help="seconds to reach Redis at start before giving up (default 5)",
     )
@@ -113,16 +124,20 @@ def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="allow --workers > 1 without --redis: each broadcast then reaches only the "
         "clients of the worker that sends it",
     )
-    serve.add_argument("--backlog", type=_positive_int, default=1024, help="listen backlog")
+    serve.add_argument(
+        "--backlog", type=positive_int, default=1024, metavar="N", help="listen backlog"
+    )
     serve.add_argument(
         "--start-timeout",
         type=_positive_float,
+        metavar="SECONDS",
         default=60.0,
         help="seconds for every worker to be ready (default 60)",
     )
     serve.add_argument(
         "--stop-timeout",
         type=_positive_float,
+        metavar="SECONDS",
         default=30.0,
         help="seconds the workers get to stop gracefully before they are killed (default 30)",
     )
@@ -150,19 +165,23 @@ def _run(args: argparse.Namespace) -> None:
             "broadcast from one worker never reaches the clients of the others. Give "
             "--redis redis://HOST:6379/0, or --local-broadcast if the application does "
             "not broadcast (or broadcasts per worker on purpose), or use --workers 1.",
-            2,
+            EXIT_USAGE,
         )
     try:
         handler = load_app(args.app)
     except (ValueError, ImportError, AttributeError) as exc:
-        _fail(f"cannot load {args.app}: {exc}", 2)
+        _fail(f"cannot load {args.app}: {exc}", EXIT_USAGE)
+    try:
+        build_router(handler, {})  # a handler, a WebSocketHandler, or a mapping of those
+    except (TypeError, ValueError) as exc:
+        _fail(f"cannot serve {args.app}: {exc}", EXIT_USAGE)
     if args.redis:
         from ._redis import RedisBackplane
 
         try:
             RedisBackplane(args.redis, namespace=args.redis_namespace)  # check the URL now
         except (ImportError, ValueError) as exc:
-            _fail(str(exc), 2)
+            _fail(str(exc), EXIT_USAGE)
     if args.worker_index is not None or args.workers == 1:
         status = trio.run(_serve, handler, args)
     else:
@@ -248,9 +267,11 @@ async def _serve(handler: HandlerSpec, args: argparse.Namespace) -> int:
             listeners = _listeners(args.host, args.port, args.backlog)
         except OSError as exc:
             print(
-                f"{name}: error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr
+                f"{name}: error: cannot listen on {args.host}:{args.port}: {os_error_text(exc)}",
+                file=sys.stderr,
+                flush=True,
             )
-            return 1
+            return EXIT_FAILURE
         backplane: Any = None
         if args.redis:
             from ._redis import RedisBackplane
@@ -260,7 +281,9 @@ async def _serve(handler: HandlerSpec, args: argparse.Namespace) -> int:
                 namespace=args.redis_namespace,
                 connect_timeout=args.redis_connect_timeout,
             )
-        server = WebSocketServer(handler, listeners, backplane=backplane)
+        server = WebSocketServer(
+            handler, listeners, backplane=backplane, max_connections=args.max_connections
+        )
         async with trio.open_nursery() as nursery:
             try:
                 await nursery.start(server.run)
@@ -268,9 +291,9 @@ async def _serve(handler: HandlerSpec, args: argparse.Namespace) -> int:
                 print(f"{name}: error: {exc}", file=sys.stderr, flush=True)
                 for listener in listeners:
                     listener.socket.close()
-                return 1
+                return EXIT_FAILURE
             stop = trio.Event()
-            nursery.start_soon(_watch_signals, signals, stop)
+            watching = await nursery.start(_watch_signals, signals, stop)
             if args.lifeline_fd is not None:
                 nursery.start_soon(_watch_lifeline, args.lifeline_fd, stop)
             if args.ready_fd is not None:
@@ -283,21 +306,28 @@ async def _serve(handler: HandlerSpec, args: argparse.Namespace) -> int:
                     flush=True,
                 )
             await stop.wait()
-            await server.aclose()  # every connection gets 1001
+            watching.cancel()
+            # Every connection gets 1001; a (further) signal meanwhile: at once.
+            status = await stop_gracefully(server, signals, name)
             nursery.cancel_scope.cancel()
-    return 0
+    return status
 
 
-async def _watch_signals(signals: Any, stop: trio.Event) -> None:
-    async for signum in signals:
-        if not stop.is_set():
+async def _watch_signals(
+    signals: Any, stop: trio.Event, task_status: trio.TaskStatus[trio.CancelScope]
+) -> None:
+    """Set ``stop`` on the first signal; the next ones are for the graceful stop."""
+    with trio.CancelScope() as scope:
+        task_status.started(scope)
+        async for signum in signals:
             print(
                 f"{_PREFIX}: pid {os.getpid()} got {signal.Signals(signum).name}; "
-                "closing connections",
+                "closing connections (again to stop at once)",
                 file=sys.stderr,
                 flush=True,
             )
-        stop.set()
+            stop.set()
+            return
 
 
 async def _watch_lifeline(fd: int, stop: trio.Event) -> None:
@@ -316,6 +346,7 @@ def _worker_command(
     verbose = ["-v"] * getattr(args, "verbose", 0)
     command = [sys.executable, "-m", "wsnursery", *verbose, "serve", args.app]
     command += ["--host", args.host, "--port", str(port), "--backlog", str(args.backlog)]
+    command += ["--max-connections", str(args.max_connections or 0)]
     if args.redis:
         command += ["--redis", args.redis, "--redis-namespace", args.redis_namespace]
         command += ["--redis-connect-timeout", str(args.redis_connect_timeout)]
@@ -325,7 +356,15 @@ def _worker_command(
 
 async def _supervise(args: argparse.Namespace) -> int:
     n: int = args.workers
-    reserved = _reserve_port(args.host) if args.port == 0 else None
+    try:
+        reserved = _reserve_port(args.host) if args.port == 0 else None
+    except OSError as exc:
+        print(
+            f"{_PREFIX}: error: cannot listen on {args.host}:{args.port}: {os_error_text(exc)}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return EXIT_FAILURE
     port = reserved.getsockname()[1] if reserved is not None else args.port
     ready_r, ready_w = os.pipe()
     life_r, life_w = os.pipe()
