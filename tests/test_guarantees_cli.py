@@ -35,6 +35,7 @@ from _helpers import (
     close_payload,
     raw_connect,
     read_response,
+    serving,
     upgrade_request,
 )
 
@@ -472,3 +473,48 @@ async def test_help_is_readable(command: str) -> None:
                 assert following.startswith(" " * 10), line
     if command in ("echo", "chat", "serve"):
         assert "--max-connections" in text, text
+
+
+# -- connect when nobody reads its output any more ----------------------------------
+
+
+async def test_connect_piped_into_a_reader_that_leaves_ends_quietly() -> None:
+    async def chatty(request: Any) -> None:
+        conn = await request.accept()
+        while True:
+            await conn.send_message("news")
+            await trio.sleep(0.01)
+
+    async with serving(chatty) as server:
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "wsnursery", "connect", f"ws://{HOST}:{server.port}/"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=checkout_env(),
+        )
+        try:
+            assert proc.stdout is not None
+            assert proc.stderr is not None
+            with trio.fail_after(TIME_LIMIT):
+                seen = b""
+                while b"< news" not in seen:
+                    seen += await proc.stdout.receive_some()
+                await proc.stdout.aclose()  # as ``| head`` does once it has enough
+                err = b""
+                while chunk := await proc.stderr.receive_some():
+                    err += chunk
+                status = await proc.wait()
+        finally:
+            await _kill(proc)
+    assert b"Traceback" not in err, err
+    assert err == b"", err
+    assert status == 1
+
+
+def test_banners_put_an_ipv6_address_in_brackets() -> None:
+    from wsnursery._cli import url_host
+
+    assert url_host("::1") == "[::1]"
+    assert url_host("127.0.0.1") == "127.0.0.1"
+    assert url_host("") == "0.0.0.0"

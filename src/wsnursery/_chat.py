@@ -470,14 +470,16 @@ class ChatHandler(WebSocketHandler):
 
 
 async def _run_chat(args: argparse.Namespace) -> int:
-    from ._cli import serve_until_signal
+    from ._cli import serve_until_signal, url_host
 
     handler = ChatHandler(history=args.history)
     return await serve_until_signal(
         "chat",
         {"/": handler},
         args,
-        lambda server: f"wsnursery chat on http://{args.host}:{server.port}/ (Ctrl-C to stop)",
+        lambda server: (
+            f"wsnursery chat on http://{url_host(args.host)}:{server.port}/ (Ctrl-C to stop)"
+        ),
         max_message_size=64 * 1024,
         compression=not args.no_compression,
     )

@@ -60,6 +60,12 @@ def os_error_text(exc: OSError) -> str:
     return text[:1].lower() + text[1:]
 
 
+def url_host(host: str | None) -> str:
+    """``host`` as it goes in a URL: an IPv6 address in brackets; every interface as 0.0.0.0."""
+    shown = host or "0.0.0.0"
+    return f"[{shown}]" if ":" in shown else shown
+
+
 def port_number(text: str) -> int:
     """argparse type of ``--port``: 0 to 65535."""
     try:
@@ -204,7 +210,9 @@ async def _run_echo(args: argparse.Namespace) -> int:
         "echo",
         EchoHandler() if args.api == "handler" else echo_handler,
         args,
-        lambda server: f"wsnursery echo server on ws://{args.host}:{server.port}/ (Ctrl-C to stop)",
+        lambda server: (
+            f"wsnursery echo server on ws://{url_host(args.host)}:{server.port}/ (Ctrl-C to stop)"
+        ),
         max_message_size=args.max_message_size,
         compression=not args.no_compression,
     )

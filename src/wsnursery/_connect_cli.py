@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import os
 import signal
 import ssl
 import sys
@@ -187,9 +188,22 @@ class _Printer:
         self.url = url
         self.echo = echo  # repeat sent lines (input is not a terminal)
         self.last_error = ""  # why the last attempt failed
+        self.session = trio.CancelScope()  # cancelled: the client closes with 1001
+        self.output_closed = False
 
     def line(self, text: str) -> None:
-        print(text, flush=True)
+        if self.output_closed:
+            return
+        try:
+            print(text, flush=True)
+        except BrokenPipeError:
+            # Nobody reads us any more (``... | head``): stop, quietly. Standard
+            # output goes to /dev/null so that Python's last flush fails no more.
+            self.output_closed = True
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+            self.session.cancel()
 
     def received(self, kind: str, value: Any) -> None:
         """Called from the connection's reader as things arrive (``control_observer``)."""
@@ -317,16 +331,15 @@ async def _main(args: argparse.Namespace) -> int:
     # ended (a quick failure), and must then find the receiver still open.
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            session = trio.CancelScope()
 
             async def watch() -> None:
                 async for signum in signals:
                     out.line(f"= {signal.Signals(signum).name}: closing")
-                    session.cancel()  # the client closes with 1001
+                    out.session.cancel()  # the client closes with 1001
                     return
 
             nursery.start_soon(watch)
-            with session:
+            with out.session:
                 status = await _session(args, out)
             nursery.cancel_scope.cancel()
-    return status
+    return EXIT_FAILURE if out.output_closed else status

@@ -39,6 +39,7 @@ from ._cli import (
     os_error_text,
     positive_int,
     stop_gracefully,
+    url_host,
 )
 from ._exceptions import BackplaneError
 from ._handler import build_router
@@ -249,10 +250,7 @@ def _reserve_port(host: str | None) -> socket.socket:
 
 
 def _url(host: str | None, port: int) -> str:
-    shown = host or "0.0.0.0"
-    if ":" in shown:
-        shown = f"[{shown}]"
-    return f"ws://{shown}:{port}/"
+    return f"ws://{url_host(host)}:{port}/"
 
 
 # -- one worker (or the only process) ---------------------------------------------------------
