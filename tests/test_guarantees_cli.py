@@ -69,7 +69,7 @@ class Result:
         assert re.search(rf"^wsnursery {command}: error: {pattern}", lines[0]), self
 
 
-async def run_cli(*args: str, cwd: Path | None = None) -> Result:
+async def run_cli(*args: str, cwd: Path | None = None, timeout: float = TIME_LIMIT) -> Result:
     """Run ``python -m wsnursery ARGS`` to its end; standard input stays open (no EOF)."""
     proc = await trio.lowlevel.open_process(
         [sys.executable, "-m", "wsnursery", *args],
@@ -80,7 +80,7 @@ async def run_cli(*args: str, cwd: Path | None = None) -> Result:
         cwd=cwd,
     )
     try:
-        with trio.fail_after(TIME_LIMIT):
+        with trio.fail_after(timeout):
             return await _finish(proc)
     finally:
         await _kill(proc)
@@ -203,6 +203,14 @@ async def test_a_port_in_use_is_one_line_and_status_1(command: str) -> None:
     with port_in_use() as port:
         result = await run_cli(*SERVERS[command], "--port", str(port))
     result.assert_one_error(command, rf"cannot listen on {HOST}:{port}: address already in use$", 1)
+
+
+@pytest.mark.parametrize("workers", [[], ["--workers", "2", "--local-broadcast"]])
+async def test_serve_twice_on_one_port_is_refused_not_shared(workers: list[str]) -> None:
+    """SO_REUSEPORT (for the workers) must not let a second ``serve`` share the port."""
+    async with server_process("serve", ECHO_APP, *workers) as (_proc, port, _banner):
+        result = await run_cli("serve", ECHO_APP, *workers, "--port", str(port), timeout=10)
+    result.assert_one_error("serve", rf"cannot listen on {HOST}:{port}: address already in use$", 1)
 
 
 @pytest.mark.parametrize("command", ["echo", "chat", "serve"])

@@ -204,11 +204,14 @@ def _addresses(host: str | None, port: int) -> list[tuple[Any, ...]]:
     return unique
 
 
-def _reuseport_socket(family: int, type_: int, proto: int) -> socket.socket:
+def _reuseport_socket(
+    family: int, type_: int, proto: int, *, reuseport: bool = True
+) -> socket.socket:
     sock = socket.socket(family, type_, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
     except BaseException:
@@ -217,12 +220,19 @@ def _reuseport_socket(family: int, type_: int, proto: int) -> socket.socket:
     return sock
 
 
-def _listeners(host: str | None, port: int, backlog: int) -> list[trio.SocketListener]:
-    """One SO_REUSEPORT listener per address of ``host``, all on ``port``."""
+def _listeners(
+    host: str | None, port: int, backlog: int, *, reuseport: bool = True
+) -> list[trio.SocketListener]:
+    """One listener per address of ``host``, all on ``port``.
+
+    With ``reuseport`` (a worker) they are SO_REUSEPORT sockets, to share the
+    port with the other workers; a single process binds the port alone, so that
+    a second ``serve`` on the same port fails instead of sharing it.
+    """
     listeners: list[trio.SocketListener] = []
     try:
         for family, type_, proto, sockaddr in _addresses(host, port):
-            sock = _reuseport_socket(family, type_, proto)
+            sock = _reuseport_socket(family, type_, proto, reuseport=reuseport)
             try:
                 sock.bind(sockaddr)
                 sock.listen(backlog)
@@ -235,6 +245,17 @@ def _listeners(host: str | None, port: int, backlog: int) -> list[trio.SocketLis
             listener.socket.close()
         raise
     return listeners
+
+
+def _check_port_free(host: str | None, port: int) -> None:
+    """Raise OSError (EADDRINUSE) if anyone listens on ``host:port``.
+
+    The workers' SO_REUSEPORT would otherwise join another server's port (another
+    ``serve --workers`` of this user) and split its clients with it.
+    """
+    for family, type_, proto, sockaddr in _addresses(host, port):
+        with _reuseport_socket(family, type_, proto, reuseport=False) as sock:
+            sock.bind(sockaddr)
 
 
 def _reserve_port(host: str | None) -> socket.socket:
@@ -262,7 +283,7 @@ async def _serve(handler: HandlerSpec, args: argparse.Namespace) -> int:
     name = f"{_PREFIX}: worker {index}" if index is not None else _PREFIX
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         try:
-            listeners = _listeners(args.host, args.port, args.backlog)
+            listeners = _listeners(args.host, args.port, args.backlog, reuseport=index is not None)
         except OSError as exc:
             print(
                 f"{name}: error: cannot listen on {args.host}:{args.port}: {os_error_text(exc)}",
@@ -355,7 +376,11 @@ def _worker_command(
 async def _supervise(args: argparse.Namespace) -> int:
     n: int = args.workers
     try:
-        reserved = _reserve_port(args.host) if args.port == 0 else None
+        if args.port == 0:
+            reserved = _reserve_port(args.host)
+        else:
+            _check_port_free(args.host, args.port)
+            reserved = None
     except OSError as exc:
         print(
             f"{_PREFIX}: error: cannot listen on {args.host}:{args.port}: {os_error_text(exc)}",
