@@ -526,3 +526,22 @@ def test_banners_put_an_ipv6_address_in_brackets() -> None:
     assert url_host("::1") == "[::1]"
     assert url_host("127.0.0.1") == "127.0.0.1"
     assert url_host("") == "0.0.0.0"
+
+
+def test_a_keyboard_interrupt_inside_a_nursery_is_no_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C where no signal receiver is open comes out of trio.run in a group."""
+    from wsnursery import _cli
+
+    async def interrupted(args: Any) -> int:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.sleep_forever)
+            raise KeyboardInterrupt
+        return 0  # pragma: no cover
+
+    monkeypatch.setattr(_cli, "_run_echo", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        _cli.main(["echo", "--port", "0"])
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == "wsnursery echo: interrupted\n"

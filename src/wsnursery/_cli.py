@@ -9,9 +9,12 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 
 from ._connection import WebSocketConnection
 from ._handler import WebSocketHandler
@@ -128,6 +131,12 @@ async def abort_connections(server: WebSocketServer) -> None:
 
     A cancelled :meth:`WebSocketConnection.aclose` closes the transport at once:
     the graceful stop in progress then finds nothing left to wait for.
+
+    Args:
+        server: The server whose open connections to close.
+
+    Cancellation:
+        Every connection is closed anyway: each ``aclose`` runs already cancelled.
     """
     for conn in server.connections.values():
         with trio.CancelScope() as scope:
@@ -138,8 +147,20 @@ async def abort_connections(server: WebSocketServer) -> None:
 async def stop_gracefully(server: WebSocketServer, signals: Any, name: str) -> int:
     """``server.aclose()`` (1001 to every client); a signal meanwhile stops it at once.
 
-    Returns 0 after a graceful stop, 1 after a forced one. ``signals`` is the
-    open signal receiver whose first signal started the stop.
+    At a second signal every connection is closed without waiting for its peer
+    (:func:`abort_connections`); if the server's handlers still have not
+    returned ``_FORCED_STOP_GRACE`` seconds later, the process exits (status 1).
+
+    Args:
+        server: The running server to stop.
+        signals: The open signal receiver whose first signal started the stop.
+        name: ``wsnursery COMMAND`` (or a worker's name), for the message.
+
+    Returns:
+        0 after a graceful stop, 1 after a forced one.
+
+    Cancellation:
+        Only stops waiting, as for :meth:`WebSocketServer.aclose`.
     """
     forced = False
 
@@ -177,8 +198,21 @@ async def serve_until_signal(
 
     Prints ``banner(server)`` once it listens. The first signal stops gracefully
     (1001 to every client, waiting up to ``close_timeout`` for their answers); a
-    second one stops at once. Returns the exit status: 0, or 1 if it could not
-    listen or was stopped by a second signal.
+    second one stops at once (:func:`stop_gracefully`).
+
+    Args:
+        command: The command's name, for its messages.
+        handler: What :class:`WebSocketServer` serves.
+        args: The parsed command line (``host``, ``port``, ``max_connections``).
+        banner: The line printed once the server listens.
+        **options: More :class:`WebSocketServer` keywords.
+
+    Returns:
+        The exit status: 0; 1 if it could not listen (one line on standard
+        error) or was stopped by a second signal.
+
+    Cancellation:
+        Stops the server gracefully, as a signal does.
     """
     name = f"wsnursery {command}"
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -270,6 +304,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
         status = args.run(args)
     except KeyboardInterrupt:
-        print(f"{name}: interrupted", file=sys.stderr, flush=True)
-        sys.exit(EXIT_INTERRUPTED)
+        _interrupted(name)
+    except BaseExceptionGroup as group:
+        # Ctrl-C inside a nursery, where no signal receiver was open.
+        if group.split(KeyboardInterrupt)[1] is not None:
+            raise
+        _interrupted(name)
     sys.exit(status or 0)
+
+
+def _interrupted(name: str) -> NoReturn:
+    print(f"{name}: interrupted", file=sys.stderr, flush=True)
+    sys.exit(EXIT_INTERRUPTED)
