@@ -545,3 +545,28 @@ def test_a_keyboard_interrupt_inside_a_nursery_is_no_traceback(
         _cli.main(["echo", "--port", "0"])
     assert exit_info.value.code == 130
     assert capsys.readouterr().err == "wsnursery echo: interrupted\n"
+
+
+@pytest.mark.parametrize(
+    ("option", "pattern"),
+    [
+        (["--header", "Bad Name: v"], r"--header: 'Bad Name' is not a valid header name"),
+        (["--header", "X-A: a\rb"], r"--header: the value of 'X-A' has a control character"),
+        (["--header", "X-A: \u65e5\u672c"], r"--header: the value of 'X-A' is not Latin-1"),
+        (["--header", "Host: other"], r"--header: the client sets Host itself"),
+        (["--header", "sec-websocket-key: x"], r"--header: the client sets sec-websocket-key"),
+        (["--subprotocol", "a b"], r"--subprotocol: 'a b' is not a valid subprotocol name"),
+        (["--subprotocol", ""], r"--subprotocol: '' is not a valid subprotocol name"),
+    ],
+)
+async def test_connect_checks_headers_and_subprotocols_before_sending_them(
+    option: list[str], pattern: str
+) -> None:
+    async def echo(request: Any) -> None:
+        conn = await request.accept()
+        async for message in conn:
+            await conn.send_message(message)
+
+    async with serving(echo) as server:
+        result = await run_cli("connect", "--no-reconnect", f"ws://{HOST}:{server.port}/", *option)
+    result.assert_one_error("connect", pattern, 2)

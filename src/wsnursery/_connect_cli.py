@@ -23,6 +23,7 @@ import argparse
 import itertools
 import math
 import os
+import re
 import signal
 import ssl
 import sys
@@ -164,6 +165,9 @@ def _check(args: argparse.Namespace) -> None:
         args.headers = _headers(args.header)
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
+    for name in args.subprotocol:
+        if not _TOKEN.fullmatch(name):
+            raise _UsageError(f"--subprotocol: {name!r} is not a valid subprotocol name")
     if args.key and not args.cert:
         raise _UsageError("--key needs --cert")
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
@@ -250,13 +254,32 @@ def _next(delay: float | None) -> str:
 
 
 def _headers(values: list[str]) -> list[tuple[str, str]]:
+    """``'Name: value'`` strings as pairs; ValueError for one HTTP would refuse."""
     headers = []
     for value in values:
         name, sep, rest = value.partition(":")
-        if not sep or not name.strip():
+        name, rest = name.strip(), rest.strip()
+        if not sep or not name:
             raise ValueError(f"--header wants 'Name: value', not {value!r}")
-        headers.append((name.strip(), rest.strip()))
+        if not _TOKEN.fullmatch(name):
+            raise ValueError(f"--header: {name!r} is not a valid header name")
+        if _CONTROL.search(rest):
+            raise ValueError(f"--header: the value of {name!r} has a control character")
+        try:
+            rest.encode("latin-1")
+        except UnicodeEncodeError:
+            raise ValueError(f"--header: the value of {name!r} is not Latin-1") from None
+        lower = name.lower()
+        if lower == "host" or lower.startswith("sec-websocket-"):
+            raise ValueError(
+                f"--header: the client sets {name} itself (from the URL, --subprotocol...)"
+            )
+        headers.append((name, rest))
     return headers
+
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # not allowed in a field value
 
 
 async def _send_lines(client: ReconnectingWebSocket, out: _Printer) -> None:
