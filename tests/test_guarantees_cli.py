@@ -570,3 +570,24 @@ async def test_connect_checks_headers_and_subprotocols_before_sending_them(
     async with serving(echo) as server:
         result = await run_cli("connect", "--no-reconnect", f"ws://{HOST}:{server.port}/", *option)
     result.assert_one_error("connect", pattern, 2)
+
+
+@pytest.mark.parametrize("command", ["echo", "chat", "serve"])
+async def test_a_server_whose_output_reader_left_still_stops_gracefully(command: str) -> None:
+    """``wsnursery echo | tee log``, then Ctrl-C: tee is gone before the server's last line."""
+    async with server_process(*SERVERS[command]) as (proc, port, _banner):
+        assert proc.stdout is not None
+        with trio.fail_after(TIME_LIMIT):
+            stream, reader, _head = await raw_connect(port)
+            await proc.stdout.aclose()
+            proc.send_signal(signal.SIGINT)
+            assert await _close_frame(reader) == 1001
+            await stream.send_all(build_frame(OP_CLOSE, close_payload(1001)))
+            assert proc.stderr is not None
+            err = b""
+            while chunk := await proc.stderr.receive_some():
+                err += chunk
+            status = await proc.wait()
+            await stream.aclose()
+    assert b"Traceback" not in err, err
+    assert status == 0, err

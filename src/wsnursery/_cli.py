@@ -9,7 +9,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TextIO
 
 import trio
 
@@ -47,9 +47,25 @@ EXIT_USAGE = 2  # the command line is wrong (as for argparse's own errors)
 EXIT_INTERRUPTED = 130  # Ctrl-C before the command could handle it (128 + SIGINT)
 
 
+def say(text: str, file: TextIO | None = None) -> None:
+    """Print a line (on standard output by default) and flush it.
+
+    If nobody reads that stream any more (``wsnursery echo | tee log`` after a
+    Ctrl-C that ended ``tee`` too), the line is dropped and so is everything
+    after it, rather than the command failing on its way out.
+    """
+    stream = sys.stdout if file is None else file
+    try:
+        print(text, file=stream, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())  # Python's last flush at exit fails no more
+        os.close(devnull)
+
+
 def error(command: str, message: str) -> None:
     """Print ``wsnursery COMMAND: error: MESSAGE`` on standard error: one line."""
-    print(f"wsnursery {command}: error: {message}", file=sys.stderr, flush=True)
+    say(f"wsnursery {command}: error: {message}", sys.stderr)
 
 
 def os_error_text(exc: OSError) -> str:
@@ -168,13 +184,12 @@ async def stop_gracefully(server: WebSocketServer, signals: Any, name: str) -> i
         nonlocal forced
         async for _signum in signals:
             forced = True
-            print(f"{name}: second signal; stopping now", file=sys.stderr, flush=True)
+            say(f"{name}: second signal; stopping now", sys.stderr)
             await abort_connections(server)
             # A handler that ignores its closed connection would still hold the
             # stop: this process ends anyway, a moment later.
             await trio.sleep(_FORCED_STOP_GRACE)
-            print(f"{name}: handlers still running; exiting", file=sys.stderr, flush=True)
-            sys.stdout.flush()
+            say(f"{name}: handlers still running; exiting", sys.stderr)
             os._exit(EXIT_FAILURE)
 
     async with trio.open_nursery() as nursery:
@@ -226,13 +241,10 @@ async def serve_until_signal(
         )
         async with trio.open_nursery() as nursery:
             await nursery.start(server.run)
-            print(banner(server), flush=True)
+            say(banner(server))
             async for signum in signals:
-                print(
-                    f"got {signal.Signals(signum).name}; closing connections "
-                    "(again to stop at once)",
-                    flush=True,
-                )
+                name_ = signal.Signals(signum).name
+                say(f"got {name_}; closing connections (again to stop at once)")
                 break
             status = await stop_gracefully(server, signals, name)
             nursery.cancel_scope.cancel()
@@ -314,5 +326,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _interrupted(name: str) -> NoReturn:
-    print(f"{name}: interrupted", file=sys.stderr, flush=True)
+    say(f"{name}: interrupted", sys.stderr)
     sys.exit(EXIT_INTERRUPTED)

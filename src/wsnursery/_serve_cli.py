@@ -38,6 +38,7 @@ from ._cli import (
     add_server_options,
     os_error_text,
     positive_int,
+    say,
     stop_gracefully,
     url_host,
 )
@@ -150,7 +151,7 @@ def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 
 def _fail(message: str, status: int = 1) -> NoReturn:
-    print(f"{_PREFIX}: error: {message}", file=sys.stderr, flush=True)
+    say(f"{_PREFIX}: error: {message}", sys.stderr)
     sys.exit(status)
 
 
@@ -285,10 +286,9 @@ async def _serve(handler: HandlerSpec, args: argparse.Namespace) -> int:
         try:
             listeners = _listeners(args.host, args.port, args.backlog, reuseport=index is not None)
         except OSError as exc:
-            print(
+            say(
                 f"{name}: error: cannot listen on {args.host}:{args.port}: {os_error_text(exc)}",
-                file=sys.stderr,
-                flush=True,
+                sys.stderr,
             )
             return EXIT_FAILURE
         backplane: Any = None
@@ -307,7 +307,7 @@ async def _serve(handler: HandlerSpec, args: argparse.Namespace) -> int:
             try:
                 await nursery.start(server.run)
             except BackplaneError as exc:
-                print(f"{name}: error: {exc}", file=sys.stderr, flush=True)
+                say(f"{name}: error: {exc}", sys.stderr)
                 for listener in listeners:
                     listener.socket.close()
                 return EXIT_FAILURE
@@ -319,10 +319,9 @@ async def _serve(handler: HandlerSpec, args: argparse.Namespace) -> int:
                 os.write(args.ready_fd, f"ready {index} {os.getpid()}\n".encode())
                 os.close(args.ready_fd)
             else:
-                print(
+                say(
                     f"{_PREFIX}: serving {_url(args.host, server.port)} (pid {os.getpid()}; "
                     "Ctrl-C to stop)",
-                    flush=True,
                 )
             await stop.wait()
             watching.cancel()
@@ -339,11 +338,10 @@ async def _watch_signals(
     with trio.CancelScope() as scope:
         task_status.started(scope)
         async for signum in signals:
-            print(
+            say(
                 f"{_PREFIX}: pid {os.getpid()} got {signal.Signals(signum).name}; "
                 "closing connections (again to stop at once)",
-                file=sys.stderr,
-                flush=True,
+                sys.stderr,
             )
             stop.set()
             return
@@ -352,7 +350,7 @@ async def _watch_signals(
 async def _watch_lifeline(fd: int, stop: trio.Event) -> None:
     """Stop when the supervisor is gone (the pipe it holds reads EOF)."""
     await trio.lowlevel.wait_readable(fd)
-    print(f"{_PREFIX}: pid {os.getpid()}: the supervisor is gone; stopping", file=sys.stderr)
+    say(f"{_PREFIX}: pid {os.getpid()}: the supervisor is gone; stopping", sys.stderr)
     stop.set()
 
 
@@ -382,10 +380,9 @@ async def _supervise(args: argparse.Namespace) -> int:
             _check_port_free(args.host, args.port)
             reserved = None
     except OSError as exc:
-        print(
+        say(
             f"{_PREFIX}: error: cannot listen on {args.host}:{args.port}: {os_error_text(exc)}",
-            file=sys.stderr,
-            flush=True,
+            sys.stderr,
         )
         return EXIT_FAILURE
     port = reserved.getsockname()[1] if reserved is not None else args.port
@@ -420,11 +417,10 @@ async def _supervise(args: argparse.Namespace) -> int:
                         if kind == "ready":
                             ready += 1
                         elif kind == "exit":
-                            print(
+                            say(
                                 f"{_PREFIX}: error: worker {index} (pid {procs[index].pid}) "
                                 f"exited with status {code} before it was ready; stopping",
-                                file=sys.stderr,
-                                flush=True,
+                                sys.stderr,
                             )
                             failed = True
                             break
@@ -432,11 +428,10 @@ async def _supervise(args: argparse.Namespace) -> int:
                             stopping_signal = code
                             break
                 if starting.cancelled_caught:
-                    print(
+                    say(
                         f"{_PREFIX}: error: {n - ready} of {n} workers not ready within "
                         f"{args.start_timeout:g} s; stopping",
-                        file=sys.stderr,
-                        flush=True,
+                        sys.stderr,
                     )
                     failed = True
                 if reserved is not None:
@@ -444,19 +439,17 @@ async def _supervise(args: argparse.Namespace) -> int:
                     reserved = None
                 if not failed and stopping_signal is None:
                     pids = ", ".join(str(p.pid) for p in procs)
-                    print(
+                    say(
                         f"{_PREFIX}: {n} workers serving {_url(args.host, port)} "
                         f"(pids {pids}; Ctrl-C to stop)",
-                        flush=True,
                     )
                     while True:
                         kind, index, code = await _next(events_recv, signals)
                         if kind == "exit":
-                            print(
+                            say(
                                 f"{_PREFIX}: error: worker {index} (pid {procs[index].pid}) "
                                 f"exited on its own with status {code}; stopping the others",
-                                file=sys.stderr,
-                                flush=True,
+                                sys.stderr,
                             )
                             failed = True
                             break
@@ -464,11 +457,10 @@ async def _supervise(args: argparse.Namespace) -> int:
                             stopping_signal = code
                             break
                 if stopping_signal is not None:
-                    print(
+                    say(
                         f"{_PREFIX}: got {signal.Signals(stopping_signal).name}; stopping "
                         f"{n} workers",
-                        file=sys.stderr,
-                        flush=True,
+                        sys.stderr,
                     )
                 statuses = await _stop_all(procs, args.stop_timeout, signals)
                 nursery.cancel_scope.cancel()
@@ -547,7 +539,7 @@ async def _stop_all(procs: Sequence[trio.Process], grace: float, signals: Any) -
 
     async def second_signal(cancel: trio.CancelScope) -> None:
         async for _ in signals:
-            print(f"{_PREFIX}: second signal; killing the workers", file=sys.stderr, flush=True)
+            say(f"{_PREFIX}: second signal; killing the workers", sys.stderr)
             cancel.cancel()
             return
 
@@ -557,10 +549,9 @@ async def _stop_all(procs: Sequence[trio.Process], grace: float, signals: Any) -
             await wait_all()
             nursery.cancel_scope.cancel()
     if waiting.cancelled_caught:
-        print(
+        say(
             f"{_PREFIX}: workers still running after {grace:g} s; killing them",
-            file=sys.stderr,
-            flush=True,
+            sys.stderr,
         )
     for proc in procs:
         if proc.returncode is None:
