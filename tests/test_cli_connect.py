@@ -274,8 +274,8 @@ async def test_subprotocols_and_headers_reach_the_server() -> None:
 
 async def test_a_bad_header_is_refused() -> None:
     async with connect(url_of(closed_port()), "--header", "no colon") as proc:
-        await proc.expect(r"^! --header wants 'Name: value'")
-        assert await proc.wait() == 1
+        await proc.expect(r"^wsnursery connect: error: --header wants 'Name: value'")
+        assert await proc.wait() == 2
 
 
 async def test_ctrl_c_closes_with_1001() -> None:

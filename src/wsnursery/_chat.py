@@ -56,7 +56,6 @@ History lives in memory: it does not survive a restart of the process.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import re
 import time
@@ -68,7 +67,6 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from ._handler import WebSocketHandler
-from ._server import serve_websocket
 
 if TYPE_CHECKING:
     from ._broadcast import Broadcaster
@@ -471,25 +469,27 @@ class ChatHandler(WebSocketHandler):
 # -- the command -------------------------------------------------------------------
 
 
-async def _run_chat(args: argparse.Namespace) -> None:
-    from ._cli import serve_until_signal
+async def _run_chat(args: argparse.Namespace) -> int:
+    from ._cli import serve_until_signal, url_host
 
     handler = ChatHandler(history=args.history)
-    await serve_until_signal(
-        functools.partial(
-            serve_websocket,
-            {"/": handler},
-            args.host,
-            args.port,
-            max_message_size=64 * 1024,
-            compression=not args.no_compression,
+    return await serve_until_signal(
+        "chat",
+        {"/": handler},
+        args,
+        lambda server: (
+            f"wsnursery chat on http://{url_host(args.host)}:{server.port}/ (Ctrl-C to stop)"
         ),
-        lambda server: f"wsnursery chat on http://{args.host}:{server.port}/ (Ctrl-C to stop)",
+        max_message_size=64 * 1024,
+        compression=not args.no_compression,
     )
 
 
 def _count(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
     return value
@@ -497,15 +497,21 @@ def _count(text: str) -> int:
 
 def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``chat`` to the command line's subcommands."""
+    from ._cli import add_server_options
+
     chat = commands.add_parser(
         "chat",
         help="run the chat demo (open http://HOST:PORT/ in a browser)",
-        description="A chat server whose page is served on the same path as its WebSocket.",
+        description="A chat server whose page is served on the same path as its WebSocket. "
+        "Ctrl-C stops it gracefully (1001 to every client); a second Ctrl-C at once.",
     )
-    chat.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    chat.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 for any)")
+    add_server_options(chat, max_message_size=None)
     chat.add_argument(
-        "--history", type=_count, default=50, help="messages kept per room (default 50)"
+        "--history",
+        type=_count,
+        default=50,
+        metavar="N",
+        help="messages kept per room (default 50)",
     )
     chat.add_argument(
         "--no-compression", action="store_true", help="do not accept permessage-deflate"

@@ -11,13 +11,19 @@ happens is printed on standard output, one line each, with a sign in front:
 * ``!`` an attempt failed: why, and the wait before the next one.
 
 End of input (Ctrl-D) closes the connection with 1000 and exits; Ctrl-C closes
-it with 1001. The exit status is 1 when the client gave up, 0 otherwise.
+it with 1001. The exit status is 1 when the client gave up (with one
+``wsnursery connect: error: gave up: ...`` line on standard error), 2 for a
+mistake in the command line (a URL that is not ``ws://`` or ``wss://``, a
+TLS file that cannot be read, a malformed ``--header``), 0 otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import math
+import os
+import re
 import signal
 import ssl
 import sys
@@ -25,7 +31,8 @@ from typing import Any
 
 import trio
 
-from ._client import control_observer
+from ._cli import EXIT_FAILURE, EXIT_USAGE, error, limit, os_error_text, positive_int
+from ._client import _parse_url, control_observer
 from ._exceptions import CloseReason, ConnectionClosed, HandshakeError, TransportError
 from ._reconnect import (
     Backoff,
@@ -88,23 +95,24 @@ def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     connect.add_argument(
         "--max-attempts",
-        type=int,
+        type=positive_int,
         default=None,
         metavar="N",
         help="give up after N failed attempts in a row (default: never)",
     )
     connect.add_argument(
         "--ping-interval",
-        type=float,
+        type=_seconds,
         default=20.0,
         metavar="SECONDS",
         help="keep-alive ping interval (default 20; 0 disables)",
     )
     connect.add_argument(
         "--max-message-size",
-        type=int,
+        type=limit,
         default=16 * 2**20,
-        help="largest message accepted, in bytes (default 16 MiB)",
+        metavar="BYTES",
+        help="largest message accepted (default 16 MiB; 0 for no limit)",
     )
     connect.add_argument(
         "--no-compression", action="store_true", help="do not offer permessage-deflate"
@@ -112,10 +120,69 @@ def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     connect.set_defaults(run=_run)
 
 
-def _run(args: argparse.Namespace) -> None:
-    status = trio.run(_main, args)
-    if status:
-        sys.exit(status)
+def _seconds(text: str) -> float:
+    """argparse type of ``--ping-interval``: 0 or more seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be 0 (off) or more seconds, not {text}")
+    return value
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        _check(args)
+    except _UsageError as exc:
+        error("connect", str(exc))
+        return EXIT_USAGE
+    return trio.run(_main, args)
+
+
+class _UsageError(Exception):
+    """A mistake in the command line, found before connecting."""
+
+
+def _check(args: argparse.Namespace) -> None:
+    """Find the command line's mistakes now rather than at each attempt.
+
+    Sets ``args.headers`` to the parsed ``--header`` values.
+    """
+    try:
+        _parse_url(args.url)
+    except ValueError as exc:
+        message = str(exc)
+        message = message[:1].lower() + message[1:]
+        if args.url not in message:
+            message += f" in {args.url!r}"
+        scheme, sep, rest = args.url.partition("://")
+        better = {"http": "ws", "https": "wss"}.get(scheme.lower())
+        if sep and better:
+            message += f" (did you mean {better}://{rest}?)"
+        raise _UsageError(message) from None
+    try:
+        args.headers = _headers(args.header)
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
+    for name in args.subprotocol:
+        if not _TOKEN.fullmatch(name):
+            raise _UsageError(f"--subprotocol: {name!r} is not a valid subprotocol name")
+    if args.key and not args.cert:
+        raise _UsageError("--key needs --cert")
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    for option, path in (("--cafile", args.cafile), ("--cert", args.cert)):
+        if not path:
+            continue
+        try:
+            if option == "--cafile":
+                context.load_verify_locations(path)
+            else:
+                context.load_cert_chain(path, args.key)
+        except ssl.SSLError as exc:
+            raise _UsageError(f"cannot use {option} {path}: {exc.reason or exc}") from None
+        except OSError as exc:
+            raise _UsageError(f"cannot use {option} {path}: {os_error_text(exc)}") from None
 
 
 class _Printer:
@@ -124,9 +191,23 @@ class _Printer:
     def __init__(self, url: str, echo: bool) -> None:
         self.url = url
         self.echo = echo  # repeat sent lines (input is not a terminal)
+        self.last_error = ""  # why the last attempt failed
+        self.session = trio.CancelScope()  # cancelled: the client closes with 1001
+        self.output_closed = False
 
     def line(self, text: str) -> None:
-        print(text, flush=True)
+        if self.output_closed:
+            return
+        try:
+            print(text, flush=True)
+        except BrokenPipeError:
+            # Nobody reads us any more (``... | head``): stop, quietly. Standard
+            # output goes to /dev/null so that Python's last flush fails no more.
+            self.output_closed = True
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+            self.session.cancel()
 
     def received(self, kind: str, value: Any) -> None:
         """Called from the connection's reader as things arrive (``control_observer``)."""
@@ -160,6 +241,7 @@ class _Printer:
             reason = event.reason
             if event.status_code is not None and str(event.status_code) not in reason:
                 reason += f" (HTTP {event.status_code})"
+            self.last_error = reason
             self.line(f"! attempt {event.attempt} failed: {reason}; {_next(event.delay)}")
 
 
@@ -172,13 +254,32 @@ def _next(delay: float | None) -> str:
 
 
 def _headers(values: list[str]) -> list[tuple[str, str]]:
+    """``'Name: value'`` strings as pairs; ValueError for one HTTP would refuse."""
     headers = []
     for value in values:
         name, sep, rest = value.partition(":")
-        if not sep or not name.strip():
+        name, rest = name.strip(), rest.strip()
+        if not sep or not name:
             raise ValueError(f"--header wants 'Name: value', not {value!r}")
-        headers.append((name.strip(), rest.strip()))
+        if not _TOKEN.fullmatch(name):
+            raise ValueError(f"--header: {name!r} is not a valid header name")
+        if _CONTROL.search(rest):
+            raise ValueError(f"--header: the value of {name!r} has a control character")
+        try:
+            rest.encode("latin-1")
+        except UnicodeEncodeError:
+            raise ValueError(f"--header: the value of {name!r} is not Latin-1") from None
+        lower = name.lower()
+        if lower == "host" or lower.startswith("sec-websocket-"):
+            raise ValueError(
+                f"--header: the client sets {name} itself (from the URL, --subprotocol...)"
+            )
+        headers.append((name, rest))
     return headers
+
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # not allowed in a field value
 
 
 async def _send_lines(client: ReconnectingWebSocket, out: _Printer) -> None:
@@ -215,7 +316,7 @@ async def _session(args: argparse.Namespace, out: _Printer) -> int:
                 on_event=out.event,
                 backoff=Backoff(max_attempts=args.max_attempts),
                 subprotocols=args.subprotocol,
-                extra_headers=_headers(args.header),
+                extra_headers=args.headers,
                 cafile=cafile,
                 certfile=args.cert,
                 keyfile=args.key,
@@ -232,11 +333,13 @@ async def _session(args: argparse.Namespace, out: _Printer) -> int:
             nursery.cancel_scope.cancel()
     except ConnectionClosed:
         pass  # an abnormal end with --no-reconnect: already printed
-    except (HandshakeError, TransportError):
-        return 1  # the last ErrorEvent said why, and that we give up
+    except (HandshakeError, TransportError) as exc:
+        # The last ErrorEvent said why on standard output, and that we give up.
+        error("connect", f"gave up: {out.last_error or exc}")
+        return EXIT_FAILURE
     except (ValueError, OSError, ssl.SSLError) as exc:
-        out.line(f"! {exc}")
-        return 1
+        error("connect", str(exc))  # not found by _check: say it, without a traceback
+        return EXIT_FAILURE
     return 0
 
 
@@ -247,18 +350,19 @@ async def _main(args: argparse.Namespace) -> int:
     if args.insecure:
         out.line("! --insecure: the server's certificate is NOT verified")
     status = 0
-    async with trio.open_nursery() as nursery:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            session = trio.CancelScope()
+    # The receiver outlives the nursery: ``watch`` may first run after the session
+    # ended (a quick failure), and must then find the receiver still open.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
 
             async def watch() -> None:
                 async for signum in signals:
                     out.line(f"= {signal.Signals(signum).name}: closing")
-                    session.cancel()  # the client closes with 1001
+                    out.session.cancel()  # the client closes with 1001
                     return
 
             nursery.start_soon(watch)
-            with session:
+            with out.session:
                 status = await _session(args, out)
             nursery.cancel_scope.cancel()
-    return status
+    return EXIT_FAILURE if out.output_closed else status

@@ -32,7 +32,18 @@ from typing import Any, NoReturn
 
 import trio
 
+from ._cli import (
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    add_server_options,
+    os_error_text,
+    positive_int,
+    say,
+    stop_gracefully,
+    url_host,
+)
 from ._exceptions import BackplaneError
+from ._handler import build_router
 from ._server import HandlerSpec, WebSocketServer
 
 __all__ = ["add_command", "load_app"]
@@ -60,17 +71,13 @@ def load_app(spec: str) -> HandlerSpec:
     return obj  # type: ignore[no-any-return]
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
 def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be positive")
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be positive, not {text}")
     return value
 
 
@@ -82,14 +89,18 @@ def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         description=(
             "Serve MODULE:ATTR (a handler function, a WebSocketHandler class or instance, "
             "or a mapping of paths to those) on HOST:PORT. With --workers N, N processes "
-            "share the port (SO_REUSEPORT) and broadcast to each other through Redis."
+            "share the port (SO_REUSEPORT) and broadcast to each other through Redis. "
+            "Ctrl-C stops gracefully (1001 to every client); a second Ctrl-C at once."
         ),
     )
     serve.add_argument("app", metavar="MODULE:ATTR", help="what to serve, e.g. myapp.ws:Chat")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 for any)")
+    add_server_options(serve, max_message_size=None)
     serve.add_argument(
-        "--workers", type=_positive_int, default=1, help="worker processes (default 1)"
+        "--workers",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="worker processes (default 1)",
     )
     serve.add_argument(
         "--redis",
@@ -99,11 +110,13 @@ def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     serve.add_argument(
         "--redis-namespace",
         default="wsnursery",
+        metavar="PREFIX",
         help="prefix of the Redis channels, to share one Redis between apps (default wsnursery)",
     )
     serve.add_argument(
         "--redis-connect-timeout",
         type=_positive_float,
+        metavar="SECONDS",
         default=5.0,
         help="seconds to reach Redis at start before giving up (default 5)",
     )
@@ -113,16 +126,20 @@ def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="allow --workers > 1 without --redis: each broadcast then reaches only the "
         "clients of the worker that sends it",
     )
-    serve.add_argument("--backlog", type=_positive_int, default=1024, help="listen backlog")
+    serve.add_argument(
+        "--backlog", type=positive_int, default=1024, metavar="N", help="listen backlog"
+    )
     serve.add_argument(
         "--start-timeout",
         type=_positive_float,
+        metavar="SECONDS",
         default=60.0,
         help="seconds for every worker to be ready (default 60)",
     )
     serve.add_argument(
         "--stop-timeout",
         type=_positive_float,
+        metavar="SECONDS",
         default=30.0,
         help="seconds the workers get to stop gracefully before they are killed (default 30)",
     )
@@ -134,7 +151,7 @@ def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 
 def _fail(message: str, status: int = 1) -> NoReturn:
-    print(f"{_PREFIX}: error: {message}", file=sys.stderr, flush=True)
+    say(f"{_PREFIX}: error: {message}", sys.stderr)
     sys.exit(status)
 
 
@@ -150,19 +167,23 @@ def _run(args: argparse.Namespace) -> None:
             "broadcast from one worker never reaches the clients of the others. Give "
             "--redis redis://HOST:6379/0, or --local-broadcast if the application does "
             "not broadcast (or broadcasts per worker on purpose), or use --workers 1.",
-            2,
+            EXIT_USAGE,
         )
     try:
         handler = load_app(args.app)
     except (ValueError, ImportError, AttributeError) as exc:
-        _fail(f"cannot load {args.app}: {exc}", 2)
+        _fail(f"cannot load {args.app}: {exc}", EXIT_USAGE)
+    try:
+        build_router(handler, {})  # a handler, a WebSocketHandler, or a mapping of those
+    except (TypeError, ValueError) as exc:
+        _fail(f"cannot serve {args.app}: {exc}", EXIT_USAGE)
     if args.redis:
         from ._redis import RedisBackplane
 
         try:
             RedisBackplane(args.redis, namespace=args.redis_namespace)  # check the URL now
         except (ImportError, ValueError) as exc:
-            _fail(str(exc), 2)
+            _fail(str(exc), EXIT_USAGE)
     if args.worker_index is not None or args.workers == 1:
         status = trio.run(_serve, handler, args)
     else:
@@ -184,11 +205,14 @@ def _addresses(host: str | None, port: int) -> list[tuple[Any, ...]]:
     return unique
 
 
-def _reuseport_socket(family: int, type_: int, proto: int) -> socket.socket:
+def _reuseport_socket(
+    family: int, type_: int, proto: int, *, reuseport: bool = True
+) -> socket.socket:
     sock = socket.socket(family, type_, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
     except BaseException:
@@ -197,12 +221,19 @@ def _reuseport_socket(family: int, type_: int, proto: int) -> socket.socket:
     return sock
 
 
-def _listeners(host: str | None, port: int, backlog: int) -> list[trio.SocketListener]:
-    """One SO_REUSEPORT listener per address of ``host``, all on ``port``."""
+def _listeners(
+    host: str | None, port: int, backlog: int, *, reuseport: bool = True
+) -> list[trio.SocketListener]:
+    """One listener per address of ``host``, all on ``port``.
+
+    With ``reuseport`` (a worker) they are SO_REUSEPORT sockets, to share the
+    port with the other workers; a single process binds the port alone, so that
+    a second ``serve`` on the same port fails instead of sharing it.
+    """
     listeners: list[trio.SocketListener] = []
     try:
         for family, type_, proto, sockaddr in _addresses(host, port):
-            sock = _reuseport_socket(family, type_, proto)
+            sock = _reuseport_socket(family, type_, proto, reuseport=reuseport)
             try:
                 sock.bind(sockaddr)
                 sock.listen(backlog)
@@ -215,6 +246,17 @@ def _listeners(host: str | None, port: int, backlog: int) -> list[trio.SocketLis
             listener.socket.close()
         raise
     return listeners
+
+
+def _check_port_free(host: str | None, port: int) -> None:
+    """Raise OSError (EADDRINUSE) if anyone listens on ``host:port``.
+
+    The workers' SO_REUSEPORT would otherwise join another server's port (another
+    ``serve --workers`` of this user) and split its clients with it.
+    """
+    for family, type_, proto, sockaddr in _addresses(host, port):
+        with _reuseport_socket(family, type_, proto, reuseport=False) as sock:
+            sock.bind(sockaddr)
 
 
 def _reserve_port(host: str | None) -> socket.socket:
@@ -230,10 +272,7 @@ def _reserve_port(host: str | None) -> socket.socket:
 
 
 def _url(host: str | None, port: int) -> str:
-    shown = host or "0.0.0.0"
-    if ":" in shown:
-        shown = f"[{shown}]"
-    return f"ws://{shown}:{port}/"
+    return f"ws://{url_host(host)}:{port}/"
 
 
 # -- one worker (or the only process) ---------------------------------------------------------
@@ -245,12 +284,13 @@ async def _serve(handler: HandlerSpec, args: argparse.Namespace) -> int:
     name = f"{_PREFIX}: worker {index}" if index is not None else _PREFIX
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         try:
-            listeners = _listeners(args.host, args.port, args.backlog)
+            listeners = _listeners(args.host, args.port, args.backlog, reuseport=index is not None)
         except OSError as exc:
-            print(
-                f"{name}: error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr
+            say(
+                f"{name}: error: cannot listen on {args.host}:{args.port}: {os_error_text(exc)}",
+                sys.stderr,
             )
-            return 1
+            return EXIT_FAILURE
         backplane: Any = None
         if args.redis:
             from ._redis import RedisBackplane
@@ -260,50 +300,57 @@ async def _serve(handler: HandlerSpec, args: argparse.Namespace) -> int:
                 namespace=args.redis_namespace,
                 connect_timeout=args.redis_connect_timeout,
             )
-        server = WebSocketServer(handler, listeners, backplane=backplane)
+        server = WebSocketServer(
+            handler, listeners, backplane=backplane, max_connections=args.max_connections
+        )
         async with trio.open_nursery() as nursery:
             try:
                 await nursery.start(server.run)
             except BackplaneError as exc:
-                print(f"{name}: error: {exc}", file=sys.stderr, flush=True)
+                say(f"{name}: error: {exc}", sys.stderr)
                 for listener in listeners:
                     listener.socket.close()
-                return 1
+                return EXIT_FAILURE
             stop = trio.Event()
-            nursery.start_soon(_watch_signals, signals, stop)
+            watching = await nursery.start(_watch_signals, signals, stop)
             if args.lifeline_fd is not None:
                 nursery.start_soon(_watch_lifeline, args.lifeline_fd, stop)
             if args.ready_fd is not None:
                 os.write(args.ready_fd, f"ready {index} {os.getpid()}\n".encode())
                 os.close(args.ready_fd)
             else:
-                print(
+                say(
                     f"{_PREFIX}: serving {_url(args.host, server.port)} (pid {os.getpid()}; "
                     "Ctrl-C to stop)",
-                    flush=True,
                 )
             await stop.wait()
-            await server.aclose()  # every connection gets 1001
+            watching.cancel()
+            # Every connection gets 1001; a (further) signal meanwhile: at once.
+            status = await stop_gracefully(server, signals, name)
             nursery.cancel_scope.cancel()
-    return 0
+    return status
 
 
-async def _watch_signals(signals: Any, stop: trio.Event) -> None:
-    async for signum in signals:
-        if not stop.is_set():
-            print(
+async def _watch_signals(
+    signals: Any, stop: trio.Event, task_status: trio.TaskStatus[trio.CancelScope]
+) -> None:
+    """Set ``stop`` on the first signal; the next ones are for the graceful stop."""
+    with trio.CancelScope() as scope:
+        task_status.started(scope)
+        async for signum in signals:
+            say(
                 f"{_PREFIX}: pid {os.getpid()} got {signal.Signals(signum).name}; "
-                "closing connections",
-                file=sys.stderr,
-                flush=True,
+                "closing connections (again to stop at once)",
+                sys.stderr,
             )
-        stop.set()
+            stop.set()
+            return
 
 
 async def _watch_lifeline(fd: int, stop: trio.Event) -> None:
     """Stop when the supervisor is gone (the pipe it holds reads EOF)."""
     await trio.lowlevel.wait_readable(fd)
-    print(f"{_PREFIX}: pid {os.getpid()}: the supervisor is gone; stopping", file=sys.stderr)
+    say(f"{_PREFIX}: pid {os.getpid()}: the supervisor is gone; stopping", sys.stderr)
     stop.set()
 
 
@@ -316,6 +363,7 @@ def _worker_command(
     verbose = ["-v"] * getattr(args, "verbose", 0)
     command = [sys.executable, "-m", "wsnursery", *verbose, "serve", args.app]
     command += ["--host", args.host, "--port", str(port), "--backlog", str(args.backlog)]
+    command += ["--max-connections", str(args.max_connections or 0)]
     if args.redis:
         command += ["--redis", args.redis, "--redis-namespace", args.redis_namespace]
         command += ["--redis-connect-timeout", str(args.redis_connect_timeout)]
@@ -325,7 +373,18 @@ def _worker_command(
 
 async def _supervise(args: argparse.Namespace) -> int:
     n: int = args.workers
-    reserved = _reserve_port(args.host) if args.port == 0 else None
+    try:
+        if args.port == 0:
+            reserved = _reserve_port(args.host)
+        else:
+            _check_port_free(args.host, args.port)
+            reserved = None
+    except OSError as exc:
+        say(
+            f"{_PREFIX}: error: cannot listen on {args.host}:{args.port}: {os_error_text(exc)}",
+            sys.stderr,
+        )
+        return EXIT_FAILURE
     port = reserved.getsockname()[1] if reserved is not None else args.port
     ready_r, ready_w = os.pipe()
     life_r, life_w = os.pipe()
@@ -358,11 +417,10 @@ async def _supervise(args: argparse.Namespace) -> int:
                         if kind == "ready":
                             ready += 1
                         elif kind == "exit":
-                            print(
+                            say(
                                 f"{_PREFIX}: error: worker {index} (pid {procs[index].pid}) "
                                 f"exited with status {code} before it was ready; stopping",
-                                file=sys.stderr,
-                                flush=True,
+                                sys.stderr,
                             )
                             failed = True
                             break
@@ -370,11 +428,10 @@ async def _supervise(args: argparse.Namespace) -> int:
                             stopping_signal = code
                             break
                 if starting.cancelled_caught:
-                    print(
+                    say(
                         f"{_PREFIX}: error: {n - ready} of {n} workers not ready within "
                         f"{args.start_timeout:g} s; stopping",
-                        file=sys.stderr,
-                        flush=True,
+                        sys.stderr,
                     )
                     failed = True
                 if reserved is not None:
@@ -382,19 +439,17 @@ async def _supervise(args: argparse.Namespace) -> int:
                     reserved = None
                 if not failed and stopping_signal is None:
                     pids = ", ".join(str(p.pid) for p in procs)
-                    print(
+                    say(
                         f"{_PREFIX}: {n} workers serving {_url(args.host, port)} "
                         f"(pids {pids}; Ctrl-C to stop)",
-                        flush=True,
                     )
                     while True:
                         kind, index, code = await _next(events_recv, signals)
                         if kind == "exit":
-                            print(
+                            say(
                                 f"{_PREFIX}: error: worker {index} (pid {procs[index].pid}) "
                                 f"exited on its own with status {code}; stopping the others",
-                                file=sys.stderr,
-                                flush=True,
+                                sys.stderr,
                             )
                             failed = True
                             break
@@ -402,11 +457,10 @@ async def _supervise(args: argparse.Namespace) -> int:
                             stopping_signal = code
                             break
                 if stopping_signal is not None:
-                    print(
+                    say(
                         f"{_PREFIX}: got {signal.Signals(stopping_signal).name}; stopping "
                         f"{n} workers",
-                        file=sys.stderr,
-                        flush=True,
+                        sys.stderr,
                     )
                 statuses = await _stop_all(procs, args.stop_timeout, signals)
                 nursery.cancel_scope.cancel()
@@ -485,7 +539,7 @@ async def _stop_all(procs: Sequence[trio.Process], grace: float, signals: Any) -
 
     async def second_signal(cancel: trio.CancelScope) -> None:
         async for _ in signals:
-            print(f"{_PREFIX}: second signal; killing the workers", file=sys.stderr, flush=True)
+            say(f"{_PREFIX}: second signal; killing the workers", sys.stderr)
             cancel.cancel()
             return
 
@@ -495,10 +549,9 @@ async def _stop_all(procs: Sequence[trio.Process], grace: float, signals: Any) -
             await wait_all()
             nursery.cancel_scope.cancel()
     if waiting.cancelled_caught:
-        print(
+        say(
             f"{_PREFIX}: workers still running after {grace:g} s; killing them",
-            file=sys.stderr,
-            flush=True,
+            sys.stderr,
         )
     for proc in procs:
         if proc.returncode is None:
