@@ -9,9 +9,12 @@ from __future__ import annotations
 import base64
 import os
 import queue
+import socket
 import struct
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -46,7 +49,7 @@ async def start_cli(*args: str) -> tuple[trio.Process, bytes]:
         [sys.executable, "-m", "wsnursery", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env=checkout_env(),
     )
     assert proc.stdout is not None
     output = b""
@@ -255,6 +258,102 @@ class FrameReader:
         return frames
 
 
+# -- a flooding peer -------------------------------------------------------------------
+
+
+class Flood:
+    """Floods a WebSocket server from OS threads with blocking sockets.
+
+    :meth:`run` (in a thread: ``trio.to_thread.run_sync(flood.run)``) upgrades,
+    sets :attr:`ready`, then writes ``blob`` (pre-built masked frames) in a loop
+    for ``seconds`` or until the server closes the connection, while a second
+    thread reads and drops whatever the server answers, so that the server's
+    writes never block and only its read loop is under test. ``sendall``
+    releases the GIL: the server's trio loop runs beside it at full speed.
+    """
+
+    def __init__(self, port: int, blob: bytes, seconds: float) -> None:
+        self.port = port
+        self.blob = blob
+        self.seconds = seconds
+        self.sent = 0
+        self.received = 0
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with socket.create_connection((HOST, self.port), timeout=10) as sock:
+                sock.sendall(upgrade_request())
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = sock.recv(4096)
+                    assert chunk, "EOF before the 101"
+                    head += chunk
+                assert head.startswith(b"HTTP/1.1 101"), head
+                drain = threading.Thread(target=self._drain, args=(sock,), daemon=True)
+                drain.start()
+                self.ready.set()
+                deadline = time.monotonic() + self.seconds
+                try:
+                    while time.monotonic() < deadline:
+                        sock.sendall(self.blob)
+                        self.sent += len(self.blob)
+                    sock.shutdown(socket.SHUT_RDWR)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the server closed the connection
+                drain.join(10)
+        except BaseException as exc:  # reported to the test
+            self.error = exc
+        finally:
+            self.ready.set()
+
+    def _drain(self, sock: socket.socket) -> None:
+        try:
+            while chunk := sock.recv(1 << 20):
+                self.received += len(chunk)
+        except OSError:
+            pass
+
+
+FLOOD_BLOBS = {
+    # ~240 KB of 6-byte pings: one server read can hold ~40,000 of them.
+    "ping": build_frame(OP_PING) * 40_000,
+    "text": build_frame(OP_TEXT, b"hello") * 20_000,
+}
+
+
+async def start_flood_process(port: int, kind: str, seconds: float) -> trio.Process:
+    """A :class:`Flood` of ``FLOOD_BLOBS[kind]`` in a process of its own.
+
+    Its own process shares no GIL with the server under test, so the flood is
+    as hard as the machine can make it. Returns once the flooder has upgraded;
+    it stops by itself after ``seconds`` (the caller may kill it sooner).
+    """
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, __file__, "flood", str(port), kind, str(seconds)],
+        stdout=subprocess.PIPE,
+        env=checkout_env(),
+    )
+    assert proc.stdout is not None
+    try:
+        with trio.fail_after(10):
+            assert (await proc.stdout.receive_some(16)).startswith(b"ready")
+    except BaseException:
+        proc.kill()
+        raise
+    return proc
+
+
+def _flood_main(port: str, kind: str, seconds: str) -> None:
+    flood = Flood(int(port), FLOOD_BLOBS[kind], float(seconds))
+    runner = threading.Thread(target=flood.run)
+    runner.start()
+    flood.ready.wait()
+    print("ready", flush=True)
+    runner.join()
+
+
 # -- HTTP -------------------------------------------------------------------------
 
 
@@ -355,3 +454,8 @@ def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
         return int(sock.getsockname()[1])
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["flood"]:
+        _flood_main(*sys.argv[2:])

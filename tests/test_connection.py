@@ -138,7 +138,6 @@ async def test_ping_waits_for_its_pong(autojump_clock: trio.testing.MockClock) -
             await server.ping()
 
 
-
 async def test_a_second_ping_with_the_same_payload_is_refused() -> None:
     a, b = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:

@@ -13,7 +13,6 @@ floods (empty pings, small text messages).
 from __future__ import annotations
 
 import socket
-import threading
 import time
 from functools import partial
 from typing import Any
@@ -21,57 +20,20 @@ from typing import Any
 import pytest
 import trio
 
-from _helpers import HOST, OP_PING, OP_TEXT, build_frame, serving, upgrade_request
+from _helpers import (
+    FLOOD_BLOBS,
+    HOST,
+    OP_TEXT,
+    Flood,
+    build_frame,
+    serving,
+    upgrade_request,
+)
 from wsnursery import WebSocketConnection, WebSocketHandler, WebSocketRequest
 
 FLOOD_SECONDS = 1.5
 TICK = 0.01
 MAX_GAP = 0.05
-
-BLOBS = {
-    # ~240 KB of 6-byte pings: one server read can hold ~40,000 of them.
-    "ping": build_frame(OP_PING) * 40_000,
-    "text": build_frame(OP_TEXT, b"hello") * 20_000,
-}
-
-
-class Flood:
-    """Floods a WebSocket server from OS threads with blocking sockets."""
-
-    def __init__(self, port: int, blob: bytes) -> None:
-        self.port = port
-        self.blob = blob
-        self.sent = 0
-        self.received = 0
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            with socket.create_connection((HOST, self.port), timeout=10) as sock:
-                sock.sendall(upgrade_request())
-                head = b""
-                while b"\r\n\r\n" not in head:
-                    chunk = sock.recv(4096)
-                    assert chunk, "EOF before the 101"
-                    head += chunk
-                assert head.startswith(b"HTTP/1.1 101"), head
-                drain = threading.Thread(target=self._drain, args=(sock,), daemon=True)
-                drain.start()
-                deadline = time.monotonic() + FLOOD_SECONDS
-                while time.monotonic() < deadline:
-                    sock.sendall(self.blob)
-                    self.sent += len(self.blob)
-                sock.shutdown(socket.SHUT_RDWR)
-                drain.join(10)
-        except BaseException as exc:  # reported to the test
-            self.error = exc
-
-    def _drain(self, sock: socket.socket) -> None:
-        try:
-            while chunk := sock.recv(1 << 20):
-                self.received += len(chunk)
-        except OSError:
-            pass
 
 
 async def echo_function(request: WebSocketRequest) -> None:
@@ -90,7 +52,7 @@ class Counting(WebSocketHandler):
 
 
 async def measure_worst_gap(port: int, blob: bytes) -> tuple[float, Flood]:
-    flood = Flood(port, blob)
+    flood = Flood(port, blob, FLOOD_SECONDS)
     worst = 0.0
     done = False
 
@@ -119,10 +81,10 @@ async def test_flood_does_not_freeze_the_event_loop(api: str, kind: str) -> None
     handler: Any = echo_function if api == "function" else Counting
     Counting.texts = 0
     async with serving(handler, ping_interval=None) as server:
-        worst, flood = await measure_worst_gap(server.port, BLOBS[kind])
+        worst, flood = await measure_worst_gap(server.port, FLOOD_BLOBS[kind])
     print(f"{api} {kind}: worst gap {worst * 1000:.1f} ms, {flood.sent >> 20} MiB sent")
     # The flood really reached the server (several MB) and was answered.
-    assert flood.sent > 4 * len(BLOBS[kind]), flood.sent
+    assert flood.sent > 4 * len(FLOOD_BLOBS[kind]), flood.sent
     if kind == "ping":
         assert flood.received > 0
     elif api == "handler-object":
@@ -162,7 +124,7 @@ async def test_ping_flood_from_a_peer_that_reads_no_pong_is_bounded() -> None:
                 nursery.start_soon(
                     partial(trio.to_thread.run_sync, flood_until_blocked),
                     server.port,
-                    BLOBS["ping"],
+                    FLOOD_BLOBS["ping"],
                     result,
                 )
                 while "done" not in result:

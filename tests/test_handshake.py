@@ -218,7 +218,10 @@ def server_answer(client: ClientHandshake, *extra: str, accept: str | None = Non
 def test_client_round_trip_with_server() -> None:
     ext = BoundedPerMessageDeflate()
     client = ClientHandshake(
-        "example:8080", "/x?y=1", subprotocols=["p1", "p2"], extensions=[ext],
+        "example:8080",
+        "/x?y=1",
+        subprotocols=["p1", "p2"],
+        extensions=[ext],
         extra_headers=[("Origin", "http://example")],
     )
     server = ServerHandshake()
