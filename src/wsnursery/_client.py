@@ -18,7 +18,7 @@ import trio
 from ._connection import WebSocketConnection, _timeout
 from ._exceptions import CloseCode, HandshakeTimeout, InvalidHandshake, TransportError
 from ._handshake import ClientHandshake
-from ._headers import HeaderPairs
+from ._headers import HeaderPairs, check_client_request
 from ._protocol import BoundedPerMessageDeflate, Protocol
 from ._tls import SYSTEM, StrPath, TrustStore, client_ssl_context
 from ._util import collapse_exception_groups, graceful_scope, stream_addresses
@@ -142,7 +142,12 @@ def client_handshake(
     compression: bool,
     max_message_size: int | None,
 ) -> ClientHandshake:
-    """The client's half of the opening handshake; ``compression`` offers permessage-deflate."""
+    """The client's half of the opening handshake; ``compression`` offers permessage-deflate.
+
+    Raises:
+        ValueError: a header or subprotocol that no server could take.
+    """
+    check_client_request(extra_headers, subprotocols)
     extensions = (
         [BoundedPerMessageDeflate(max_message_size=max_message_size)] if compression else []
     )
@@ -273,8 +278,9 @@ async def connect_websocket(
             is an :exc:`EOFError`).
         HandshakeTimeout: ``open_timeout`` ran out.
         ValueError: ``ssl_context`` together with ``cafile``, ``certfile`` or
-            ``keyfile``; or any of them with ``use_ssl=False`` (raised before
-            any connection is made).
+            ``keyfile``; or any of them with ``use_ssl=False``; or a header in
+            ``extra_headers`` (or a subprotocol) that HTTP would refuse or that
+            the client sets itself (raised before any connection is made).
 
     Cancellation:
         Nothing is left open: a half-made connection is closed.

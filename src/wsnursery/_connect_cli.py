@@ -23,7 +23,6 @@ import argparse
 import itertools
 import math
 import os
-import re
 import signal
 import ssl
 import sys
@@ -34,6 +33,7 @@ import trio
 from ._cli import EXIT_FAILURE, EXIT_USAGE, error, limit, os_error_text, positive_int
 from ._client import _parse_url, control_observer
 from ._exceptions import CloseReason, ConnectionClosed, HandshakeError, TransportError
+from ._headers import check_client_request
 from ._reconnect import (
     Backoff,
     ClientEvent,
@@ -166,8 +166,10 @@ def _check(args: argparse.Namespace) -> None:
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
     for name in args.subprotocol:
-        if not _TOKEN.fullmatch(name):
-            raise _UsageError(f"--subprotocol: {name!r} is not a valid subprotocol name")
+        try:
+            check_client_request((), [name])
+        except ValueError as exc:
+            raise _UsageError(f"--subprotocol: {exc}") from None
     if args.key and not args.cert:
         raise _UsageError("--key needs --cert")
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
@@ -261,25 +263,12 @@ def _headers(values: list[str]) -> list[tuple[str, str]]:
         name, rest = name.strip(), rest.strip()
         if not sep or not name:
             raise ValueError(f"--header wants 'Name: value', not {value!r}")
-        if not _TOKEN.fullmatch(name):
-            raise ValueError(f"--header: {name!r} is not a valid header name")
-        if _CONTROL.search(rest):
-            raise ValueError(f"--header: the value of {name!r} has a control character")
         try:
-            rest.encode("latin-1")
-        except UnicodeEncodeError:
-            raise ValueError(f"--header: the value of {name!r} is not Latin-1") from None
-        lower = name.lower()
-        if lower == "host" or lower.startswith("sec-websocket-"):
-            raise ValueError(
-                f"--header: the client sets {name} itself (from the URL, --subprotocol...)"
-            )
+            check_client_request([(name, rest)], ())
+        except ValueError as exc:
+            raise ValueError(f"--header: {exc}") from None
         headers.append((name, rest))
     return headers
-
-
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # not allowed in a field value
 
 
 async def _send_lines(client: ReconnectingWebSocket, out: _Printer) -> None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
-__all__ = ["HeaderPairs", "Headers", "raw_pairs"]
+__all__ = ["HeaderPairs", "Headers", "check_client_request", "raw_pairs"]
 
 HeaderPairs = Iterable[tuple[str | bytes, str | bytes]]
 
@@ -16,6 +17,56 @@ def _raw(value: str | bytes) -> bytes:
 def raw_pairs(pairs: HeaderPairs) -> list[tuple[bytes, bytes]]:
     """``(name, value)`` pairs as bytes, ``str`` encoded as Latin-1."""
     return [(_raw(name), _raw(value)) for name, value in pairs]
+
+
+# RFC 9110 section 5.6.2: a header name (and a subprotocol, RFC 6455 section
+# 4.1) is a token; a field value has no control character but horizontal tab.
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# The request headers a client writes itself: a second copy would make a
+# request the server refuses or misreads.
+_CLIENT_SETS = frozenset(
+    {
+        b"host",
+        b"upgrade",
+        b"connection",
+        b"sec-websocket-key",
+        b"sec-websocket-version",
+        b"sec-websocket-protocol",
+        b"sec-websocket-extensions",
+    }
+)
+
+
+def check_client_request(extra_headers: HeaderPairs, subprotocols: Sequence[str]) -> None:
+    """ValueError for request headers or subprotocols that no server could take.
+
+    A header name must be an HTTP token and a value must be Latin-1 with no
+    control character (CR and LF would split the request); the headers the
+    client sets itself (``Host``, ``Sec-WebSocket-*``...) cannot be given
+    again; a subprotocol must be a token.
+    """
+    for name, value in extra_headers:
+        try:
+            raw_name = _raw(name)
+        except UnicodeEncodeError:
+            raw_name = b""  # not a token either
+        if not _TOKEN.fullmatch(raw_name):
+            raise ValueError(f"{name!r} is not a valid header name")
+        try:
+            raw_value = _raw(value)
+        except UnicodeEncodeError:
+            raise ValueError(f"the value of {name!r} is not Latin-1") from None
+        if _CONTROL.search(raw_value):
+            raise ValueError(f"the value of {name!r} has a control character")
+        if raw_name.lower() in _CLIENT_SETS:
+            raise ValueError(
+                f"the client sets {raw_name.decode()} itself "
+                "(from the URL, subprotocols= and compression=)"
+            )
+    for subprotocol in subprotocols:
+        if not _TOKEN.fullmatch(subprotocol.encode("latin-1", "replace")) or not subprotocol:
+            raise ValueError(f"{subprotocol!r} is not a valid subprotocol name")
 
 
 class Headers(Mapping[str, str]):

@@ -54,7 +54,7 @@ from ._exceptions import (
     InvalidHandshake,
     TransportError,
 )
-from ._headers import HeaderPairs
+from ._headers import HeaderPairs, check_client_request
 from ._protocol import ProtocolState
 from ._tls import SYSTEM, StrPath, TrustStore
 from ._util import collapse_exception_groups, graceful_scope
@@ -1055,7 +1055,9 @@ async def open_reconnecting_websocket(
         ConnectionRejected, HandshakeError, TransportError: the client gave
             up (its last attempt's error), whatever the block was doing; the
             block is cancelled if it was not waiting on the client.
-        ValueError: a bad URL or option, or TLS options with ``ws://``.
+        ValueError: a bad URL or option (a header or subprotocol HTTP would
+            refuse, as for :func:`connect_websocket`), or TLS options with
+            ``ws://``; raised before any connection is attempted.
 
     Cancellation:
         Cancelling the block closes the connection with 1001 (waiting at most
@@ -1063,6 +1065,7 @@ async def open_reconnecting_websocket(
         nothing is left running, and the cancellation goes on as usual.
     """
     host, port, resource, tls = _parse_url(url)
+    check_client_request(extra_headers, subprotocols)
     context = resolve_ssl_context(ssl_context, cafile, certfile, keyfile, use_ssl=tls, url=url)
     if tls and context is None:
         context = ssl.create_default_context()
