@@ -485,19 +485,9 @@ async def _run_chat(args: argparse.Namespace) -> int:
     )
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
-    return value
-
-
 def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``chat`` to the command line's subcommands."""
-    from ._cli import add_server_options
+    from ._cli import add_server_options, int_at_least
 
     chat = commands.add_parser(
         "chat",
@@ -508,7 +498,7 @@ def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     add_server_options(chat, max_message_size=None)
     chat.add_argument(
         "--history",
-        type=_count,
+        type=int_at_least(0),
         default=50,
         metavar="N",
         help="messages kept per room (default 50)",
