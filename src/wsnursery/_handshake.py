@@ -206,7 +206,8 @@ class ServerHandshake:
 
         Raises:
             HTTPError: 405 for a method other than GET, 400 for a missing or
-                wrong header, 426 for a version other than 13.
+                wrong header or a body (``Content-Length`` other than 0, any
+                ``Transfer-Encoding``), 426 for a version other than 13.
         """
         head = self.head
         assert head is not None
@@ -223,6 +224,11 @@ class ServerHandshake:
             )
         if not _has_token(headers, "connection", "upgrade"):
             raise HTTPError(400, "missing 'Connection: Upgrade'")
+        # An upgrade has no body. Behind a proxy that forwards one, the bytes
+        # after the head would otherwise be read as frames: request smuggling.
+        lengths = _tokens(headers, "content-length")  # digits: h11 checked them
+        if "transfer-encoding" in headers or any(n.strip("0") for n in lengths):
+            raise HTTPError(400, "a WebSocket upgrade request cannot have a body")
         version = headers.get("sec-websocket-version")
         if version != "13":
             raise HTTPError(
