@@ -400,6 +400,7 @@ class WebSocketServer:
         self._stop_requested = trio.Event()
         self._stopped = trio.Event()
         self._idle = trio.Event()
+        self._nursery: trio.Nursery | None = None  # while run() runs
         # Found now: the port is still known once the listeners are closed.
         self._port = self._find_port()
 
@@ -444,6 +445,7 @@ class WebSocketServer:
         try:
             with collapse_exception_groups():
                 async with graceful_scope() as body, trio.open_nursery() as nursery:
+                    self._nursery = nursery
                     if self.broadcaster.backplane is not None:
                         await nursery.start(self.broadcaster.serve)
                     for listener in self.listeners:
@@ -455,16 +457,39 @@ class WebSocketServer:
                         await self._stop_requested.wait()
                     await self._shutdown(nursery)
         finally:
+            self._nursery = None
             self._stopped.set()
 
     async def aclose(self) -> None:
         """Stop the server gracefully and wait until :meth:`run` has returned.
 
+        Called from one of the server's own tasks (a handler function, a
+        hook), it starts the stop and returns at once: :meth:`run` waits for
+        that very task, so waiting here would wait for itself. The shutdown
+        then goes on as usual, the caller's own connection included (1001).
+
         Cancellation:
             Only stops waiting; the shutdown goes on.
         """
+        self._stopping = True  # from now on a handler that returns closes with 1001
         self._stop_requested.set()
+        if self._is_own_task():
+            await trio.lowlevel.checkpoint()
+            return
         await self._stopped.wait()
+
+    def _is_own_task(self) -> bool:
+        """True when the current task runs inside this server's nursery."""
+        nursery = self._nursery
+        if nursery is None:
+            return False
+        task: trio.lowlevel.Task | None = trio.lowlevel.current_task()
+        while task is not None:
+            parent = task.parent_nursery
+            if parent is nursery:
+                return True
+            task = None if parent is None else parent.parent_task
+        return False
 
     async def _shutdown(self, nursery: trio.Nursery) -> None:
         self._stopping = True
@@ -556,7 +581,17 @@ class WebSocketServer:
                             raise HTTPError(404, f"nothing is served at {head.path}")
                         route, params = found
                         if route.kind == "http" or not head.is_upgrade:
-                            plain = await self._plain_http(route, params, handshake)
+                            try:
+                                plain = await self._plain_http(route, params, handshake)
+                            except HTTPError:
+                                raise
+                            except Exception:
+                                # The application's error (an endpoint, an
+                                # unreadable default page), not the client's.
+                                logger.exception(
+                                    "HTTP route failed on %s %s", head.method, head.path
+                                )
+                                raise HTTPError(500, "internal server error") from None
                         else:
                             handshake.check_upgrade()
                             self._check_origin(head.headers.get("origin"))
@@ -577,11 +612,24 @@ class WebSocketServer:
                             )
                             accepted = None
                             try:
-                                accepted = await self._serve_request(route, request)
-                            except ConnectionClosed:
-                                pass  # the connection ended under the handler: not an error
-                            except Exception:
-                                await self._handler_failed(request)
+                                try:
+                                    accepted = await self._serve_request(route, request)
+                                except ConnectionClosed:
+                                    pass  # the connection ended under the handler: not an error
+                                except Exception:
+                                    await self._handler_failed(request)
+                                if accepted is None and request.connection is not None:
+                                    if self._stopping:
+                                        await request.connection.aclose(
+                                            CloseCode.GOING_AWAY, "server shutting down"
+                                        )
+                                    else:
+                                        await request.connection.aclose()
+                            finally:
+                                # On every path, cancellation by a shutdown included:
+                                # a handler function's connection leaves the registry.
+                                if accepted is None and request.connection is not None:
+                                    self._connections.pop(request.connection.id, None)
                             if accepted is not None:
                                 # A handler object's hooks run here, not inside
                                 # _serve_request, and without the request: every
@@ -594,9 +642,6 @@ class WebSocketServer:
                                     await conn._dispatch(handler)
                                 finally:
                                     self._connections.pop(conn.id, None)
-                            elif request.connection is not None:
-                                await request.connection.aclose()
-                                self._connections.pop(request.connection.id, None)
                     nursery.cancel_scope.cancel()
                 # Whatever the opening phase did not answer gets its answer now.
                 if served:
