@@ -9,10 +9,14 @@ a failing HTTP route or default page gets 500; an upgrade with a body gets 400;
 from __future__ import annotations
 
 import logging
+import socket
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from _helpers import (
     HOST,
@@ -20,6 +24,7 @@ from _helpers import (
     OP_TEXT,
     FrameReader,
     build_frame,
+    count_tasks,
     raw_connect,
     read_response,
     serving,
@@ -45,6 +50,96 @@ async def read_close_code(reader: FrameReader) -> int | None:
         if frame.opcode == OP_CLOSE:
             return frame.close_code
     return None
+
+
+# -- item 1: expiring handshakes do not stall the loop ------------------------------
+
+
+class BatchWatch(trio.abc.Instrument):
+    """Measures each batch of trio's scheduler (the steps between two I/O waits).
+
+    A long batch is a stall: no other client is served until it ends.
+    """
+
+    def __init__(self) -> None:
+        self.active = False
+        self.longest = 0.0  # seconds of real time
+        self.most_handshakes = 0  # connection tasks stepped in one batch
+        self._start = 0.0
+        self._handshakes = 0
+
+    def after_io_wait(self, timeout: float) -> None:
+        self._start = time.perf_counter()
+        self._handshakes = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task.name.endswith("_handle_stream"):
+            self._handshakes += 1
+
+    def before_io_wait(self, timeout: float) -> None:
+        if self.active:
+            self.longest = max(self.longest, time.perf_counter() - self._start)
+            self.most_handshakes = max(self.most_handshakes, self._handshakes)
+
+
+async def _until(predicate: Callable[[], bool], seconds: float = 20.0) -> None:
+    """Checkpoint until ``predicate()`` holds; real time bounds it (the clock is frozen)."""
+    give_up = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < give_up, f"not within {seconds} s: {predicate}"
+        await trio.lowlevel.checkpoint()
+
+
+async def test_hundreds_of_handshakes_expiring_at_once_do_not_stall_the_loop(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """500 slowloris clients reach open_timeout at the same instant of a frozen clock.
+
+    Each gets its 408, and no batch of the scheduler runs more than a few of
+    them: the longest stall stays far under 50 ms (it was one batch of all 500,
+    30-60 ms on a quiet machine, more on a busy one).
+    """
+    n = 500
+    watch = BatchWatch()
+    trio.lowlevel.add_instrument(watch)
+    slow: list[socket.socket] = []
+    try:
+        async with serving(echo_handler, open_timeout=1.0) as server:
+            baseline = count_tasks()
+            for _ in range(n):
+                sock = socket.create_connection((HOST, server.port))
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # and then nothing
+                slow.append(sock)
+            await _until(lambda: count_tasks() >= baseline + n)
+            await trio.testing.wait_all_tasks_blocked()
+            # Every handshake started at the same (frozen) instant: all are due now.
+            watch.active = True
+            mock_clock.jump(1.0)
+            await _until(lambda: all(_peek(sock).startswith(b"HTTP/1.1 408 ") for sock in slow))
+            await trio.testing.wait_all_tasks_blocked()  # all in their polite drains
+            watch.active = False
+            mock_clock.jump(1.5)  # which end now
+            await _until(lambda: count_tasks() <= baseline)
+    finally:
+        trio.lowlevel.remove_instrument(watch)
+        for sock in slow:
+            sock.close()
+    # _EXPIRE_BATCH (16) cancelled per batch, each answering over a few steps.
+    assert watch.most_handshakes <= 100, watch.most_handshakes
+    assert watch.longest < 0.05, f"the loop stalled {watch.longest * 1000:.1f} ms"
+
+
+def _peek(sock: socket.socket) -> bytes:
+    try:
+        return sock.recv(64, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return b""
+
+
+async def echo_handler(request: WebSocketRequest) -> None:
+    conn = await request.accept()
+    async for message in conn:
+        await conn.send_message(message)
 
 
 # -- item 2: aclose() from inside a handler ------------------------------------------

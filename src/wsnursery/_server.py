@@ -17,10 +17,10 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import math
 import mimetypes
 import ssl
 import sys
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeAlias, TypedDict
@@ -56,6 +56,9 @@ else:  # pragma: no cover
 __all__ = ["ConnectionRegistry", "WebSocketRequest", "WebSocketServer", "serve_websocket"]
 
 logger = logging.getLogger("wsnursery.server")
+
+#: Handshakes cancelled (open_timeout, shutdown) per batch of trio's scheduler.
+_EXPIRE_BATCH = 16
 
 Handler: TypeAlias = Callable[["WebSocketRequest"], Awaitable[None]]
 HTTPEndpoint: TypeAlias = Callable[[HTTPRequest], Awaitable[HTTPResponse]]
@@ -100,7 +103,7 @@ class WebSocketRequest(LazyAddresses):
         self._server = server
         self._stream = stream
         self._handshake = handshake
-        self._nursery = nursery  # the connection's; its deadline is the open_timeout
+        self._nursery = nursery  # the connection's; open_timeout cancels it (see _opening)
         self._transport = transport
         self._head: RequestHead = head
         self.method = head.method
@@ -201,8 +204,7 @@ class WebSocketRequest(LazyAddresses):
             await conn._write(response)
         except ConnectionClosed as exc:
             raise ConnectionClosed.for_reason(_lost()) from exc.__cause__
-        self._nursery.cancel_scope.deadline = math.inf  # the open_timeout no longer applies
-        server._opening.discard(self._nursery.cancel_scope)
+        server._opening.pop(self._nursery.cancel_scope, None)  # open_timeout no longer applies
         self.connection = conn
         if self._dispatch:
             conn._nursery = self._nursery  # the client's task reads: see _dispatch
@@ -391,9 +393,11 @@ class WebSocketServer:
         )
         self.broadcaster._bind(self._connections)
         self._id_prefix = "" if backplane is None else self.broadcaster.node_id + "-"
-        # Connection nurseries still in the opening handshake: a stop cancels
-        # them at once, and they answer 503.
-        self._opening: set[trio.CancelScope | None] = set()
+        # Connection nurseries still in the opening handshake, with their
+        # open_timeout deadlines, oldest first: _expire_handshakes cancels them
+        # when due (408), a stop cancels them all (503).
+        self._opening: OrderedDict[trio.CancelScope, float] = OrderedDict()
+        self._opening_added: trio.Event | None = None  # the expirer waits for one
         self._registry = ConnectionRegistry(self._connections)
         self._handling = 0
         self._stopping = False
@@ -452,6 +456,7 @@ class WebSocketServer:
                         nursery.start_soon(self._accept_loop, listener, nursery)
                     if self.ping_interval is not None:
                         nursery.start_soon(self._keepalive_loop, self.ping_interval)
+                    nursery.start_soon(self._expire_handshakes)
                     task_status.started(self)
                     with body:
                         await self._stop_requested.wait()
@@ -495,9 +500,11 @@ class WebSocketServer:
         self._stopping = True
         for listener in self.listeners:
             await trio.aclose_forcefully(listener)
-        for scope in list(self._opening):
-            if scope is not None:
-                scope.cancel()  # handshakes in progress: answered with 503
+        # Handshakes in progress: answered with 503, a few per scheduler batch.
+        for count, scope in enumerate(list(self._opening), 1):
+            scope.cancel()
+            if count % _EXPIRE_BATCH == 0:
+                await trio.lowlevel.checkpoint()
         logger.info("shutting down: closing %d connections", len(self._connections))
         with trio.move_on_after(_timeout(self.close_timeout)):
             async with trio.open_nursery() as closers:
@@ -508,6 +515,37 @@ class WebSocketServer:
             if self._handling:
                 await self._idle.wait()
         nursery.cancel_scope.cancel()
+
+    async def _expire_handshakes(self) -> None:
+        """Cancel each handshake still opening at its ``open_timeout`` deadline.
+
+        One task for the server instead of a deadline on each connection's
+        scope: when hundreds of stale handshakes (slowloris clients) reach
+        their deadline at the same instant, trio would cancel them all in one
+        step of its run loop, and run all of them, each answering its 408, in
+        one batch, stalling every other client meanwhile. Here they are
+        cancelled ``_EXPIRE_BATCH`` at a time, with a checkpoint in between,
+        so the other clients are served between the small batches.
+
+        ``_opening`` is ordered by deadline (the open_timeout is the same for
+        every connection), so only its first entry needs watching.
+        """
+        opening = self._opening
+        count = 0
+        while True:
+            if not opening:
+                self._opening_added = added = trio.Event()
+                await added.wait()
+                continue
+            scope, deadline = next(iter(opening.items()))
+            if deadline > trio.current_time():
+                await trio.sleep_until(deadline)
+                continue
+            del opening[scope]
+            scope.cancel()  # _handle_stream answers 408 (or 503 from a handler's decision)
+            count += 1
+            if count % _EXPIRE_BATCH == 0:
+                await trio.lowlevel.checkpoint()
 
     async def _keepalive_loop(self, interval: float) -> None:
         """Ping every open connection every ``interval`` seconds, from one task.
@@ -541,8 +579,8 @@ class WebSocketServer:
     async def _handle_stream(self, stream: trio.abc.Stream) -> None:
         """Serve one client: the request head, the handler, the connection's life.
 
-        One task and the connection nursery, whose deadline is the
-        ``open_timeout`` until the handler accepts.
+        One task and the connection nursery, which ``_expire_handshakes``
+        cancels at the ``open_timeout`` unless the handler accepted first.
         Kept as one function on purpose: every idle connection holds this
         task's stack, so each frame less is memory saved per connection.
         """
@@ -558,6 +596,7 @@ class WebSocketServer:
         params: dict[str, str] = {}
         deadline = trio.current_time() + _timeout(self.open_timeout)
         opening_scope: trio.CancelScope | None = None
+        opening = self._opening
         served = False
         try:
             # Errors from inside the nursery come wrapped in a group: unwrap the
@@ -565,11 +604,14 @@ class WebSocketServer:
             with collapse_exception_groups():
                 async with trio.open_nursery() as nursery:
                     opening_scope = nursery.cancel_scope
-                    self._opening.add(opening_scope)  # until accepted; see _shutdown
                     # The nursery's own scope is the open_timeout (TLS, head, the
-                    # handler's decision); accept() lifts it. No extra cancel scope
-                    # stays alive for the connection's lifetime.
-                    nursery.cancel_scope.deadline = deadline
+                    # handler's decision): _expire_handshakes cancels it when due,
+                    # accept() takes it off. No extra cancel scope stays alive
+                    # for the connection's lifetime.
+                    opening[opening_scope] = deadline
+                    if self._opening_added is not None:
+                        self._opening_added.set()
+                        self._opening_added = None
                     route: Route | None = None
                     try:
                         while handshake.receive_data(await transport.receive()) is None:
@@ -676,7 +718,8 @@ class WebSocketServer:
         except Exception:  # pragma: no cover - everything expected is handled above
             logger.exception("unexpected error while serving a connection")
         finally:
-            self._opening.discard(opening_scope)
+            if opening_scope is not None:
+                opening.pop(opening_scope, None)
             await transport.close()
             self._handling -= 1
             if not self._handling:
