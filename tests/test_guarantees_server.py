@@ -38,6 +38,7 @@ from wsnursery import (
     WebSocketHandler,
     WebSocketRequest,
     WebSocketServer,
+    open_websocket_url,
     serve_websocket,
 )
 
@@ -383,3 +384,73 @@ async def test_upgrade_with_content_length_zero_is_accepted() -> None:
             assert frame is not None
             assert frame.payload == b"hi"
             await stream.aclose()
+
+
+# -- item 6: path is the full request target ------------------------------------------
+
+
+async def test_path_keeps_the_query_on_request_connection_and_http_request() -> None:
+    seen: dict[str, object] = {}
+
+    async def chat(request: WebSocketRequest) -> None:
+        seen["request"] = (
+            request.path,
+            request.url_path,
+            request.query_string,
+            request.query,
+            request.path_params,
+        )
+        conn = await request.accept()
+        seen["conn"] = (conn.path, conn.url_path, conn.query_string, conn.query)
+        await conn.send_message("ok")
+
+    async def item(request: HTTPRequest) -> HTTPResponse:
+        seen["http"] = (request.path, request.url_path, request.query_string, request.query)
+        return HTTPResponse(200, "item")
+
+    target = "/rooms/blue?room=1&t=x%20y&room=2"
+    with trio.fail_after(TIMEOUT):
+        async with serving({"/rooms/{name}": chat}, http_routes={"/items/{id}": item}) as server:
+            async with open_websocket_url(f"ws://{HOST}:{server.port}{target}") as client:
+                assert await client.get_message() == "ok"
+                assert (client.path, client.url_path, client.query_string) == (
+                    target,
+                    "/rooms/blue",
+                    "room=1&t=x%20y&room=2",
+                )
+                # (the client's query keeps the last value of a repeated name: not tested)
+            status = await _http_status(
+                server.port, b"GET /items/7?full=1 HTTP/1.1\r\nHost: x\r\n\r\n"
+            )
+            assert status == 200
+    query = {"room": "1", "t": "x y"}
+    assert seen["request"] == (
+        target,
+        "/rooms/blue",
+        "room=1&t=x%20y&room=2",
+        query,
+        {"name": "blue"},
+    )
+    assert seen["conn"] == (target, "/rooms/blue", "room=1&t=x%20y&room=2", query)
+    assert seen["http"] == ("/items/7?full=1", "/items/7", "full=1", {"full": "1"})
+
+
+async def test_path_without_a_query_has_an_empty_query_string() -> None:
+    seen: list[tuple[str, str, str]] = []
+
+    async def handler(request: WebSocketRequest) -> None:
+        conn = await request.accept()
+        seen.append((conn.path, conn.url_path, conn.query_string))
+
+    with trio.fail_after(TIMEOUT):
+        async with (
+            serving(handler) as server,
+            open_websocket_url(f"ws://{HOST}:{server.port}/plain") as client,
+        ):
+            assert (client.path, client.url_path, client.query_string) == (
+                "/plain",
+                "/plain",
+                "",
+            )
+            await client.wait_closed()
+    assert seen == [("/plain", "/plain", "")]

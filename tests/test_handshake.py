@@ -51,7 +51,9 @@ def test_good_request_parses_and_accepts() -> None:
     hs = parse(request(*GOOD, "Sec-WebSocket-Protocol: a, b", target="/chat?room=1&x="))
     hs.check_upgrade()
     assert hs.head is not None
-    assert hs.head.path == "/chat"
+    assert hs.head.path == "/chat?room=1&x="
+    assert hs.head.url_path == "/chat"
+    assert hs.head.query_string == "room=1&x="
     assert hs.head.query == {"room": "1", "x": ""}
     assert hs.head.subprotocols == ["a", "b"]
     assert hs.head.headers["HOST"] == "example"

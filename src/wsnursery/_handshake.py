@@ -18,7 +18,7 @@ import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl
 
 import h11
 from wsproto.extensions import Extension
@@ -26,7 +26,7 @@ from wsproto.handshake import client_extensions_handshake, server_extensions_han
 from wsproto.utilities import RemoteProtocolError, generate_accept_token
 
 from ._exceptions import ConnectionRejected, InvalidHandshake
-from ._headers import HeaderPairs, Headers, raw_pairs
+from ._headers import HeaderPairs, Headers, raw_pairs, split_target
 
 __all__ = [
     "ClientHandshake",
@@ -68,20 +68,25 @@ class RequestHead:
     target: str
     http_version: str
     headers: Headers
-    #: The path part of the target, without the query.
-    path: str = field(init=False)
+    #: The path part of the target, without the query (what routes match).
+    url_path: str = field(init=False)
+    #: The raw query string, after the ``?`` ("" if none).
+    query_string: str = field(init=False)
     #: The query string, decoded into a mapping of first values.
     query: dict[str, str] = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.target.startswith("/"):  # origin-form, nearly always
-            path, _, query = self.target.partition("?")
-            path = path.partition("#")[0]
-        else:
-            split = urlsplit(self.target)
-            path, query = split.path, split.query
-        self.path = path or "/"
-        self.query = dict(parse_qsl(query, keep_blank_values=True)) if query else {}
+        self.url_path, query = split_target(self.target)
+        self.query_string = query
+        self.query = {}
+        if query:
+            for name, value in parse_qsl(query, keep_blank_values=True):
+                self.query.setdefault(name, value)  # the first value of each name
+
+    @property
+    def path(self) -> str:
+        """The full request target, query included (as trio-websocket's ``path``)."""
+        return self.target
 
     @property
     def is_upgrade(self) -> bool:

@@ -81,7 +81,8 @@ class WebSocketRequest(LazyAddresses):
     Attributes:
         method: Always ``"GET"`` for a request that reaches a handler.
         target: The raw request target (``/chat?room=1``).
-        path: The target's path.
+        path: The full request target, query included (``/chat?room=1``),
+            as trio-websocket's ``path``; :attr:`url_path` is its path part.
         query: The target's query parameters (first value of each name).
         headers: The request headers (:class:`Headers`, case-insensitive).
         subprotocols: The subprotocols the client proposed, in order.
@@ -108,7 +109,7 @@ class WebSocketRequest(LazyAddresses):
         self._head: RequestHead = head
         self.method = head.method
         self.target = head.target
-        self.path = head.path
+        self.path = head.target
         self.query = head.query
         self.headers: Headers = head.headers
         self.subprotocols = head.subprotocols
@@ -118,6 +119,16 @@ class WebSocketRequest(LazyAddresses):
         self.path_params = path_params
         self.user: Any = None
         self._dispatch = False
+
+    @property
+    def url_path(self) -> str:
+        """The path part of :attr:`path`, without the query (``/chat``): what routes match."""
+        return self._head.url_path
+
+    @property
+    def query_string(self) -> str:
+        """The raw query of :attr:`path`, after the ``?`` (``room=1``; ``""`` if none)."""
+        return self._head.query_string
 
     @property
     def cookies(self) -> dict[str, str]:
@@ -138,7 +149,8 @@ class WebSocketRequest(LazyAddresses):
         return self._head.extension_offers
 
     def __repr__(self) -> str:
-        return f"<WebSocketRequest {self.target!r} from {self.remote}>"
+        # The path part only: a query may carry a token, and this is logged.
+        return f"<WebSocketRequest {self.url_path!r} from {self.remote}>"
 
     async def accept(
         self,
@@ -215,7 +227,7 @@ class WebSocketRequest(LazyAddresses):
             conn.id = server._id_prefix + conn.id
         server._connections[conn.id] = conn
         if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("accepted %s from %s", self.path, self.remote)
+            logger.debug("accepted %s from %s", self.url_path, self.remote)
         return conn
 
     async def reject(
@@ -238,7 +250,7 @@ class WebSocketRequest(LazyAddresses):
         if self._answered:
             raise RuntimeError("this request was already answered")
         self._answered = True
-        logger.info("rejected %s from %s with %d", self.path, self.remote, status)
+        logger.info("rejected %s from %s with %d", self.url_path, self.remote, status)
         await self._server._send_http(
             self._stream, self._handshake.reject(status, headers=headers, body=body)
         )
@@ -618,9 +630,9 @@ class WebSocketServer:
                             pass
                         head = handshake.head
                         assert head is not None
-                        found = self._router.match(head.path)
+                        found = self._router.match(head.url_path)
                         if found is None:
-                            raise HTTPError(404, f"nothing is served at {head.path}")
+                            raise HTTPError(404, f"nothing is served at {head.url_path}")
                         route, params = found
                         if route.kind == "http" or not head.is_upgrade:
                             try:
@@ -631,7 +643,7 @@ class WebSocketServer:
                                 # The application's error (an endpoint, an
                                 # unreadable default page), not the client's.
                                 logger.exception(
-                                    "HTTP route failed on %s %s", head.method, head.path
+                                    "HTTP route failed on %s %s", head.method, head.url_path
                                 )
                                 raise HTTPError(500, "internal server error") from None
                         else:
@@ -708,7 +720,9 @@ class WebSocketServer:
                     if self._stopping:
                         await request.reject(503, body="server shutting down\n")
                     elif trio.current_time() >= deadline:
-                        logger.info("handler did not answer %s within open_timeout", request.path)
+                        logger.info(
+                            "handler did not answer %s within open_timeout", request.url_path
+                        )
                         await request.reject(503, body="handshake timeout\n")
                     else:
                         logger.error("handler returned without accepting or rejecting %s", request)
@@ -779,7 +793,7 @@ class WebSocketServer:
         assert head is not None
         if route.kind == "http":
             response = await route.endpoint(
-                HTTPRequest(head.method, head.path, head.query, head.headers, params)
+                HTTPRequest(head.method, head.target, head.query, head.headers, params)
             )
             return handshake.reject(
                 response.status,
