@@ -147,7 +147,11 @@ async def echo_handler(request: WebSocketRequest) -> None:
 
 
 async def test_aclose_from_a_handler_function_closes_everyone_with_1001_at_once() -> None:
-    """The handler that calls server.aclose() does not make the others wait for it."""
+    """The handler that calls server.aclose() does not make the others wait for it.
+
+    Its call returns at once (waiting for run() there would wait for itself).
+    """
+    returned = trio.Event()
 
     async def handler(request: WebSocketRequest) -> None:
         conn = await request.accept()
@@ -156,6 +160,7 @@ async def test_aclose_from_a_handler_function_closes_everyone_with_1001_at_once(
                 server = conn.server
                 assert isinstance(server, WebSocketServer)
                 await server.aclose()
+                returned.set()
 
     with trio.fail_after(TIMEOUT):
         async with serving(handler, close_timeout=8) as server:
@@ -168,6 +173,7 @@ async def test_aclose_from_a_handler_function_closes_everyone_with_1001_at_once(
                 for _, reader, _ in others:
                     assert await read_close_code(reader) == 1001
                 assert await read_close_code(stopper_reader) == 1001
+                await returned.wait()
             assert trio.current_time() - start < 1
             for stream, _, _ in [*others, (stopper, None, None)]:
                 await stream.aclose()
