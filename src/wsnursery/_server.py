@@ -6,6 +6,7 @@ The nursery tree (see ``docs/topics/design.rst``)::
     ├─ cancel watcher              turns the caller's cancellation into a graceful stop
     └─ server nursery (shielded)   shielded so that a stop can still send 1001 frames
        ├─ accept loop per listener
+       ├─ handshake expirer         cancels openings at open_timeout, 16 per batch
        └─ _handle_stream per client
           └─ connection nursery
              ├─ reader task, keep-alive task
