@@ -609,7 +609,6 @@ class WebSocketServer:
         params: dict[str, str] = {}
         deadline = trio.current_time() + _timeout(self.open_timeout)
         opening_scope: trio.CancelScope | None = None
-        opening = self._opening
         served = False
         try:
             # Errors from inside the nursery come wrapped in a group: unwrap the
@@ -621,7 +620,7 @@ class WebSocketServer:
                     # handler's decision): _expire_handshakes cancels it when due,
                     # accept() takes it off. No extra cancel scope stays alive
                     # for the connection's lifetime.
-                    opening[opening_scope] = deadline
+                    self._opening[opening_scope] = deadline
                     if self._opening_added is not None:
                         self._opening_added.set()
                         self._opening_added = None
@@ -734,7 +733,7 @@ class WebSocketServer:
             logger.exception("unexpected error while serving a connection")
         finally:
             if opening_scope is not None:
-                opening.pop(opening_scope, None)
+                self._opening.pop(opening_scope, None)
             await transport.close()
             self._handling -= 1
             if not self._handling:
