@@ -20,7 +20,7 @@ async def main() -> None:
     report_send, report_receive = trio.open_memory_channel[CloseReason](1)
 
     async def shout(request: WebSocketRequest) -> None:
-        if request.path != "/shout":
+        if request.url_path != "/shout":
             await request.reject(404, body="try /shout\n")
             return
         conn = await request.accept()

@@ -20,7 +20,7 @@ IDLE_CLOSE_CODE = 4000  # 4000-4999: codes for applications to define
 
 
 async def greeter(request: WebSocketRequest) -> None:
-    if request.path != "/greet":
+    if request.url_path != "/greet":
         await request.reject(404, body="no such endpoint\n")
         return
     conn = await request.accept()

@@ -60,7 +60,7 @@ class Admin(WebSocketHandler):
         # A copy: connections come and go while this loop awaits.
         for other in list(registry.values()):
             if other is not conn:
-                await conn.send_message(f"{other.id} {other.user} {other.path}")
+                await conn.send_message(f"{other.id} {other.user} {other.url_path}")
         await conn.send_message(f"{len(registry)} open")
 
     async def on_text(self, conn: WebSocketConnection, text: str) -> None:

@@ -852,6 +852,8 @@ class Inspector(WebSocketHandler):
             return Reject(302, headers=[("Location", "/rooms/lobby")])
         self.seen.update(
             path=request.path,
+            url_path=request.url_path,
+            query_string=request.query_string,
             target=request.target,
             method=request.method,
             path_params=dict(request.path_params),
@@ -868,8 +870,8 @@ class Inspector(WebSocketHandler):
         return Accept(subprotocol=chosen, headers=[("X-Room", room), ("Set-Cookie", "seen=1")])
 
     async def on_connect(self, conn: WebSocketConnection) -> None:
-        self.seen["conn"] = (conn.path, conn.subprotocol, conn.remote, conn.user)
-        await conn.send_message(f"welcome to {conn.path}")
+        self.seen["conn"] = (conn.url_path, conn.subprotocol, conn.remote, conn.user)
+        await conn.send_message(f"welcome to {conn.url_path}")
 
 
 async def test_validate_accept_and_request_attributes() -> None:
@@ -889,7 +891,9 @@ async def test_validate_accept_and_request_attributes() -> None:
             assert ws.response_headers["set-cookie"] == "seen=1"
             client_address = ws.local
     seen = inspector.seen
-    assert seen["path"] == "/rooms/lobby"
+    assert seen["path"] == "/rooms/lobby?user=ann&x=1"  # the full target, as trio-websocket's
+    assert seen["url_path"] == "/rooms/lobby"
+    assert seen["query_string"] == "user=ann&x=1"
     assert seen["target"] == "/rooms/lobby?user=ann&x=1"
     assert seen["method"] == "GET"
     assert seen["path_params"] == {"room": "lobby"}

@@ -51,7 +51,9 @@ def test_good_request_parses_and_accepts() -> None:
     hs = parse(request(*GOOD, "Sec-WebSocket-Protocol: a, b", target="/chat?room=1&x="))
     hs.check_upgrade()
     assert hs.head is not None
-    assert hs.head.path == "/chat"
+    assert hs.head.path == "/chat?room=1&x="
+    assert hs.head.url_path == "/chat"
+    assert hs.head.query_string == "room=1&x="
     assert hs.head.query == {"room": "1", "x": ""}
     assert hs.head.subprotocols == ["a", "b"]
     assert hs.head.headers["HOST"] == "example"
@@ -116,6 +118,9 @@ def test_header_injection_is_refused_by_h11() -> None:
         (request(*GOOD, f"Sec-WebSocket-Key: {KEY}"), 400, None),  # two keys
         (request(*GOOD[:4], "Sec-WebSocket-Version: 12"), 426, ("Sec-WebSocket-Version", "13")),
         (request(*GOOD[:4]), 400, ("Sec-WebSocket-Version", "13")),
+        (request(*GOOD, "Content-Length: 6"), 400, None),  # a body: request smuggling
+        (request(*GOOD, "Content-Length: 06"), 400, None),
+        (request(*GOOD, "Transfer-Encoding: chunked"), 400, None),
     ],
 )
 def test_bad_upgrade_requests_get_their_status(
@@ -130,6 +135,11 @@ def test_bad_upgrade_requests_get_their_status(
     response = hs.reject(info.value.status, headers=info.value.headers, body=info.value.message)
     assert status_of(response) == status
     assert info.value.message.encode() in response
+
+
+@pytest.mark.parametrize("length", ["0", "00"])
+def test_upgrade_with_content_length_zero_is_fine(length: str) -> None:
+    parse(request(*GOOD, f"Content-Length: {length}")).check_upgrade()
 
 
 @pytest.mark.parametrize(

@@ -409,7 +409,7 @@ async def test_unix_socket_handshake_and_echo(tmp_path: Path) -> None:
     seen: list[Any] = []
 
     async def handler(request: WebSocketRequest) -> None:
-        seen.append((request.path, request.query, request.remote))
+        seen.append((request.url_path, request.query, request.remote))
         conn = await request.accept()
         async for message in conn:
             await conn.send_message(message)

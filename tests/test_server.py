@@ -61,7 +61,8 @@ async def test_serve_and_echo() -> None:
                 assert await ws.get_message() == "hi"
                 assert len(server.connections) == 1
                 (conn,) = server.connections.values()
-                assert conn.path == "/e"
+                assert conn.path == "/e?q=1"
+                assert conn.url_path == "/e"
                 assert conn.query == {"q": "1"}
                 assert conn.remote[0] == "127.0.0.1"
                 assert ws.local == conn.remote

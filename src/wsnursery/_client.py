@@ -388,7 +388,7 @@ def client_connection(
             extensions=handshake.accepted_extensions,
             max_message_size=max_message_size,
         ),
-        path=handshake.target.split("?", 1)[0],
+        path=handshake.target,
         query=dict(parse_qsl(urlsplit(handshake.target).query, keep_blank_values=True)),
         request_headers=handshake.request_headers(),
         response_headers=handshake.response_headers,

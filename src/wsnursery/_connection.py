@@ -344,6 +344,20 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
         """OPEN, CLOSING, CLOSED or BROKEN (see :class:`ProtocolState`)."""
         return self._proto.state
 
+    @property
+    def url_path(self) -> str:
+        """The path part of :attr:`path`, without the query (``/chat``)."""
+        from ._headers import split_target
+
+        return split_target(self.path)[0]
+
+    @property
+    def query_string(self) -> str:
+        """The raw query of :attr:`path`, after the ``?`` (``room=1``; ``""`` if none)."""
+        from ._headers import split_target
+
+        return split_target(self.path)[1]
+
     # -- background tasks ----------------------------------------------------
 
     def _start(self, nursery: trio.Nursery, *, keepalive_task: bool = True) -> None:

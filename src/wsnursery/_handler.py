@@ -16,7 +16,7 @@ from http.cookies import CookieError, SimpleCookie
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ._headers import HeaderPairs
+from ._headers import HeaderPairs, split_target
 
 if TYPE_CHECKING:
     from ._connection import WebSocketConnection
@@ -292,13 +292,27 @@ def parse_cookies(values: Sequence[str]) -> dict[str, str]:
 
 @dataclass
 class HTTPRequest:
-    """A plain HTTP request, as an HTTP route's function sees it."""
+    """A plain HTTP request, as an HTTP route's function sees it.
+
+    ``path`` is the full request target, query included (``/items/7?full=1``);
+    :attr:`url_path` and :attr:`query_string` are its two parts.
+    """
 
     method: str
     path: str
     query: dict[str, str]
     headers: Any
     path_params: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url_path(self) -> str:
+        """The path part of :attr:`path`, without the query (``/items/7``)."""
+        return split_target(self.path)[0]
+
+    @property
+    def query_string(self) -> str:
+        """The raw query of :attr:`path`, after the ``?`` (``""`` if none)."""
+        return split_target(self.path)[1]
 
 
 _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")

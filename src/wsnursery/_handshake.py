@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl
 
 import h11
 from wsproto.extensions import Extension
@@ -25,7 +26,7 @@ from wsproto.handshake import client_extensions_handshake, server_extensions_han
 from wsproto.utilities import RemoteProtocolError, generate_accept_token
 
 from ._exceptions import ConnectionRejected, InvalidHandshake
-from ._headers import HeaderPairs, Headers, raw_pairs
+from ._headers import HeaderPairs, Headers, raw_pairs, split_target
 
 __all__ = [
     "ClientHandshake",
@@ -67,20 +68,25 @@ class RequestHead:
     target: str
     http_version: str
     headers: Headers
-    #: The path part of the target, without the query.
-    path: str = field(init=False)
+    #: The path part of the target, without the query (what routes match).
+    url_path: str = field(init=False)
+    #: The raw query string, after the ``?`` ("" if none).
+    query_string: str = field(init=False)
     #: The query string, decoded into a mapping of first values.
     query: dict[str, str] = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.target.startswith("/"):  # origin-form, nearly always
-            path, _, query = self.target.partition("?")
-            path = path.partition("#")[0]
-        else:
-            split = urlsplit(self.target)
-            path, query = split.path, split.query
-        self.path = path or "/"
-        self.query = dict(parse_qsl(query, keep_blank_values=True)) if query else {}
+        self.url_path, query = split_target(self.target)
+        self.query_string = query
+        self.query = {}
+        if query:
+            for name, value in parse_qsl(query, keep_blank_values=True):
+                self.query.setdefault(name, value)  # the first value of each name
+
+    @property
+    def path(self) -> str:
+        """The full request target, query included (as trio-websocket's ``path``)."""
+        return self.target
 
     @property
     def is_upgrade(self) -> bool:
@@ -206,7 +212,8 @@ class ServerHandshake:
 
         Raises:
             HTTPError: 405 for a method other than GET, 400 for a missing or
-                wrong header, 426 for a version other than 13.
+                wrong header or a body (``Content-Length`` other than 0, any
+                ``Transfer-Encoding``), 426 for a version other than 13.
         """
         head = self.head
         assert head is not None
@@ -223,6 +230,11 @@ class ServerHandshake:
             )
         if not _has_token(headers, "connection", "upgrade"):
             raise HTTPError(400, "missing 'Connection: Upgrade'")
+        # An upgrade has no body. Behind a proxy that forwards one, the bytes
+        # after the head would otherwise be read as frames: request smuggling.
+        lengths = _tokens(headers, "content-length")  # digits: h11 checked them
+        if "transfer-encoding" in headers or any(n.strip("0") for n in lengths):
+            raise HTTPError(400, "a WebSocket upgrade request cannot have a body")
         version = headers.get("sec-websocket-version")
         if version != "13":
             raise HTTPError(
@@ -312,15 +324,28 @@ class ServerHandshake:
         pairs.append((b"Connection", b"close"))
         conn = self._h11
         if conn.our_state is not h11.SEND_RESPONSE:
-            # The head never parsed (400/414/431): answer from a fresh h11 state.
-            conn = h11.Connection(h11.SERVER)
-            conn.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            conn.next_event()
+            # The head never parsed (400/408/414/431): answer from a fresh h11
+            # state. Cached: hundreds of stale handshakes expiring at once all
+            # get the same 408, and a fresh h11 state costs ~40 us each.
+            return _headless_response(status, tuple(pairs), payload)
         out = conn.send(h11.Response(status_code=status, headers=pairs)) or b""
         if payload and (self.head is None or self.head.method != "HEAD"):
             out += conn.send(h11.Data(data=payload)) or b""
         out += conn.send(h11.EndOfMessage()) or b""
         return out
+
+
+@functools.lru_cache(maxsize=32)
+def _headless_response(status: int, pairs: tuple[tuple[bytes, bytes], ...], body: bytes) -> bytes:
+    """A response to a request whose head never parsed, from a fresh h11 state."""
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    conn.next_event()
+    out = conn.send(h11.Response(status_code=status, headers=list(pairs))) or b""
+    if body:
+        out += conn.send(h11.Data(data=body)) or b""
+    out += conn.send(h11.EndOfMessage()) or b""
+    return out
 
 
 class ClientHandshake:

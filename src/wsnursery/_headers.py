@@ -4,14 +4,32 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from urllib.parse import urlsplit
 
-__all__ = ["HeaderPairs", "Headers", "check_client_request", "raw_pairs"]
+__all__ = ["HeaderPairs", "Headers", "check_client_request", "raw_pairs", "split_target"]
 
 HeaderPairs = Iterable[tuple[str | bytes, str | bytes]]
 
 
 def _raw(value: str | bytes) -> bytes:
     return value.encode("latin-1") if isinstance(value, str) else bytes(value)
+
+
+def split_target(target: str) -> tuple[str, str]:
+    """A request target's path and raw query string, without any fragment.
+
+    ``"/chat?room=1"`` gives ``("/chat", "room=1")``; ``"/chat"`` gives
+    ``("/chat", "")``. An absolute-form target (``http://host/chat?room=1``)
+    gives its path and query too.
+    """
+    if target.startswith("/"):  # origin-form, nearly always
+        path, _, query = target.partition("?")
+        path = path.partition("#")[0]
+        query = query.partition("#")[0]
+    else:
+        split = urlsplit(target)
+        path, query = split.path, split.query
+    return path or "/", query
 
 
 def raw_pairs(pairs: HeaderPairs) -> list[tuple[bytes, bytes]]:

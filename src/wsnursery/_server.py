@@ -6,6 +6,7 @@ The nursery tree (see ``docs/topics/design.rst``)::
     ├─ cancel watcher              turns the caller's cancellation into a graceful stop
     └─ server nursery (shielded)   shielded so that a stop can still send 1001 frames
        ├─ accept loop per listener
+       ├─ handshake expirer         cancels openings at open_timeout, 16 per batch
        └─ _handle_stream per client
           └─ connection nursery
              ├─ reader task, keep-alive task
@@ -17,10 +18,10 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import math
 import mimetypes
 import ssl
 import sys
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeAlias, TypedDict
@@ -57,6 +58,9 @@ __all__ = ["ConnectionRegistry", "WebSocketRequest", "WebSocketServer", "serve_w
 
 logger = logging.getLogger("wsnursery.server")
 
+#: Handshakes cancelled (open_timeout, shutdown) per batch of trio's scheduler.
+_EXPIRE_BATCH = 16
+
 Handler: TypeAlias = Callable[["WebSocketRequest"], Awaitable[None]]
 HTTPEndpoint: TypeAlias = Callable[[HTTPRequest], Awaitable[HTTPResponse]]
 #: What serve_websocket serves: a handler function, a WebSocketHandler (instance
@@ -78,7 +82,8 @@ class WebSocketRequest(LazyAddresses):
     Attributes:
         method: Always ``"GET"`` for a request that reaches a handler.
         target: The raw request target (``/chat?room=1``).
-        path: The target's path.
+        path: The full request target, query included (``/chat?room=1``),
+            as trio-websocket's ``path``; :attr:`url_path` is its path part.
         query: The target's query parameters (first value of each name).
         headers: The request headers (:class:`Headers`, case-insensitive).
         subprotocols: The subprotocols the client proposed, in order.
@@ -100,12 +105,12 @@ class WebSocketRequest(LazyAddresses):
         self._server = server
         self._stream = stream
         self._handshake = handshake
-        self._nursery = nursery  # the connection's; its deadline is the open_timeout
+        self._nursery = nursery  # the connection's; open_timeout cancels it (see _opening)
         self._transport = transport
         self._head: RequestHead = head
         self.method = head.method
         self.target = head.target
-        self.path = head.path
+        self.path = head.target
         self.query = head.query
         self.headers: Headers = head.headers
         self.subprotocols = head.subprotocols
@@ -115,6 +120,16 @@ class WebSocketRequest(LazyAddresses):
         self.path_params = path_params
         self.user: Any = None
         self._dispatch = False
+
+    @property
+    def url_path(self) -> str:
+        """The path part of :attr:`path`, without the query (``/chat``): what routes match."""
+        return self._head.url_path
+
+    @property
+    def query_string(self) -> str:
+        """The raw query of :attr:`path`, after the ``?`` (``room=1``; ``""`` if none)."""
+        return self._head.query_string
 
     @property
     def cookies(self) -> dict[str, str]:
@@ -135,7 +150,8 @@ class WebSocketRequest(LazyAddresses):
         return self._head.extension_offers
 
     def __repr__(self) -> str:
-        return f"<WebSocketRequest {self.target!r} from {self.remote}>"
+        # The path part only: a query may carry a token, and this is logged.
+        return f"<WebSocketRequest {self.url_path!r} from {self.remote}>"
 
     async def accept(
         self,
@@ -201,8 +217,7 @@ class WebSocketRequest(LazyAddresses):
             await conn._write(response)
         except ConnectionClosed as exc:
             raise ConnectionClosed.for_reason(_lost()) from exc.__cause__
-        self._nursery.cancel_scope.deadline = math.inf  # the open_timeout no longer applies
-        server._opening.discard(self._nursery.cancel_scope)
+        server._opening.pop(self._nursery.cancel_scope, None)  # open_timeout no longer applies
         self.connection = conn
         if self._dispatch:
             conn._nursery = self._nursery  # the client's task reads: see _dispatch
@@ -213,7 +228,7 @@ class WebSocketRequest(LazyAddresses):
             conn.id = server._id_prefix + conn.id
         server._connections[conn.id] = conn
         if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("accepted %s from %s", self.path, self.remote)
+            logger.debug("accepted %s from %s", self.url_path, self.remote)
         return conn
 
     async def reject(
@@ -236,7 +251,7 @@ class WebSocketRequest(LazyAddresses):
         if self._answered:
             raise RuntimeError("this request was already answered")
         self._answered = True
-        logger.info("rejected %s from %s with %d", self.path, self.remote, status)
+        logger.info("rejected %s from %s with %d", self.url_path, self.remote, status)
         await self._server._send_http(
             self._stream, self._handshake.reject(status, headers=headers, body=body)
         )
@@ -391,15 +406,18 @@ class WebSocketServer:
         )
         self.broadcaster._bind(self._connections)
         self._id_prefix = "" if backplane is None else self.broadcaster.node_id + "-"
-        # Connection nurseries still in the opening handshake: a stop cancels
-        # them at once, and they answer 503.
-        self._opening: set[trio.CancelScope | None] = set()
+        # Connection nurseries still in the opening handshake, with their
+        # open_timeout deadlines, oldest first: _expire_handshakes cancels them
+        # when due (408), a stop cancels them all (503).
+        self._opening: OrderedDict[trio.CancelScope, float] = OrderedDict()
+        self._opening_added: trio.Event | None = None  # the expirer waits for one
         self._registry = ConnectionRegistry(self._connections)
         self._handling = 0
         self._stopping = False
         self._stop_requested = trio.Event()
         self._stopped = trio.Event()
         self._idle = trio.Event()
+        self._nursery: trio.Nursery | None = None  # while run() runs
         # Found now: the port is still known once the listeners are closed.
         self._port = self._find_port()
 
@@ -444,35 +462,62 @@ class WebSocketServer:
         try:
             with collapse_exception_groups():
                 async with graceful_scope() as body, trio.open_nursery() as nursery:
+                    self._nursery = nursery
                     if self.broadcaster.backplane is not None:
                         await nursery.start(self.broadcaster.serve)
                     for listener in self.listeners:
                         nursery.start_soon(self._accept_loop, listener, nursery)
                     if self.ping_interval is not None:
                         nursery.start_soon(self._keepalive_loop, self.ping_interval)
+                    nursery.start_soon(self._expire_handshakes)
                     task_status.started(self)
                     with body:
                         await self._stop_requested.wait()
                     await self._shutdown(nursery)
         finally:
+            self._nursery = None
             self._stopped.set()
 
     async def aclose(self) -> None:
         """Stop the server gracefully and wait until :meth:`run` has returned.
 
+        Called from one of the server's own tasks (a handler function, a
+        hook), it starts the stop and returns at once: :meth:`run` waits for
+        that very task, so waiting here would wait for itself. The shutdown
+        then goes on as usual, the caller's own connection included (1001).
+
         Cancellation:
             Only stops waiting; the shutdown goes on.
         """
+        self._stopping = True  # from now on a handler that returns closes with 1001
         self._stop_requested.set()
+        if self._is_own_task():
+            await trio.lowlevel.checkpoint()
+            return
         await self._stopped.wait()
+
+    def _is_own_task(self) -> bool:
+        """True when the current task runs inside this server's nursery."""
+        nursery = self._nursery
+        if nursery is None:
+            return False
+        task: trio.lowlevel.Task | None = trio.lowlevel.current_task()
+        while task is not None:
+            parent = task.parent_nursery
+            if parent is nursery:
+                return True
+            task = None if parent is None else parent.parent_task
+        return False
 
     async def _shutdown(self, nursery: trio.Nursery) -> None:
         self._stopping = True
         for listener in self.listeners:
             await trio.aclose_forcefully(listener)
-        for scope in list(self._opening):
-            if scope is not None:
-                scope.cancel()  # handshakes in progress: answered with 503
+        # Handshakes in progress: answered with 503, a few per scheduler batch.
+        for count, scope in enumerate(list(self._opening), 1):
+            scope.cancel()
+            if count % _EXPIRE_BATCH == 0:
+                await trio.lowlevel.checkpoint()
         logger.info("shutting down: closing %d connections", len(self._connections))
         with trio.move_on_after(_timeout(self.close_timeout)):
             async with trio.open_nursery() as closers:
@@ -483,6 +528,37 @@ class WebSocketServer:
             if self._handling:
                 await self._idle.wait()
         nursery.cancel_scope.cancel()
+
+    async def _expire_handshakes(self) -> None:
+        """Cancel each handshake still opening at its ``open_timeout`` deadline.
+
+        One task for the server instead of a deadline on each connection's
+        scope: when hundreds of stale handshakes (slowloris clients) reach
+        their deadline at the same instant, trio would cancel them all in one
+        step of its run loop, and run all of them, each answering its 408, in
+        one batch, stalling every other client meanwhile. Here they are
+        cancelled ``_EXPIRE_BATCH`` at a time, with a checkpoint in between,
+        so the other clients are served between the small batches.
+
+        ``_opening`` is ordered by deadline (the open_timeout is the same for
+        every connection), so only its first entry needs watching.
+        """
+        opening = self._opening
+        count = 0
+        while True:
+            if not opening:
+                self._opening_added = added = trio.Event()
+                await added.wait()
+                continue
+            scope, deadline = next(iter(opening.items()))
+            if deadline > trio.current_time():
+                await trio.sleep_until(deadline)
+                continue
+            del opening[scope]
+            scope.cancel()  # _handle_stream answers 408 (or 503 from a handler's decision)
+            count += 1
+            if count % _EXPIRE_BATCH == 0:
+                await trio.lowlevel.checkpoint()
 
     async def _keepalive_loop(self, interval: float) -> None:
         """Ping every open connection every ``interval`` seconds, from one task.
@@ -516,8 +592,8 @@ class WebSocketServer:
     async def _handle_stream(self, stream: trio.abc.Stream) -> None:
         """Serve one client: the request head, the handler, the connection's life.
 
-        One task and the connection nursery, whose deadline is the
-        ``open_timeout`` until the handler accepts.
+        One task and the connection nursery, which ``_expire_handshakes``
+        cancels at the ``open_timeout`` unless the handler accepted first.
         Kept as one function on purpose: every idle connection holds this
         task's stack, so each frame less is memory saved per connection.
         """
@@ -540,23 +616,36 @@ class WebSocketServer:
             with collapse_exception_groups():
                 async with trio.open_nursery() as nursery:
                     opening_scope = nursery.cancel_scope
-                    self._opening.add(opening_scope)  # until accepted; see _shutdown
                     # The nursery's own scope is the open_timeout (TLS, head, the
-                    # handler's decision); accept() lifts it. No extra cancel scope
-                    # stays alive for the connection's lifetime.
-                    nursery.cancel_scope.deadline = deadline
+                    # handler's decision): _expire_handshakes cancels it when due,
+                    # accept() takes it off. No extra cancel scope stays alive
+                    # for the connection's lifetime.
+                    self._opening[opening_scope] = deadline
+                    if self._opening_added is not None:
+                        self._opening_added.set()
+                        self._opening_added = None
                     route: Route | None = None
                     try:
                         while handshake.receive_data(await transport.receive()) is None:
                             pass
                         head = handshake.head
                         assert head is not None
-                        found = self._router.match(head.path)
+                        found = self._router.match(head.url_path)
                         if found is None:
-                            raise HTTPError(404, f"nothing is served at {head.path}")
+                            raise HTTPError(404, f"nothing is served at {head.url_path}")
                         route, params = found
                         if route.kind == "http" or not head.is_upgrade:
-                            plain = await self._plain_http(route, params, handshake)
+                            try:
+                                plain = await self._plain_http(route, params, handshake)
+                            except HTTPError:
+                                raise
+                            except Exception:
+                                # The application's error (an endpoint, an
+                                # unreadable default page), not the client's.
+                                logger.exception(
+                                    "HTTP route failed on %s %s", head.method, head.url_path
+                                )
+                                raise HTTPError(500, "internal server error") from None
                         else:
                             handshake.check_upgrade()
                             self._check_origin(head.headers.get("origin"))
@@ -577,11 +666,24 @@ class WebSocketServer:
                             )
                             accepted = None
                             try:
-                                accepted = await self._serve_request(route, request)
-                            except ConnectionClosed:
-                                pass  # the connection ended under the handler: not an error
-                            except Exception:
-                                await self._handler_failed(request)
+                                try:
+                                    accepted = await self._serve_request(route, request)
+                                except ConnectionClosed:
+                                    pass  # the connection ended under the handler: not an error
+                                except Exception:
+                                    await self._handler_failed(request)
+                                if accepted is None and request.connection is not None:
+                                    if self._stopping:
+                                        await request.connection.aclose(
+                                            CloseCode.GOING_AWAY, "server shutting down"
+                                        )
+                                    else:
+                                        await request.connection.aclose()
+                            finally:
+                                # On every path, cancellation by a shutdown included:
+                                # a handler function's connection leaves the registry.
+                                if accepted is None and request.connection is not None:
+                                    self._connections.pop(request.connection.id, None)
                             if accepted is not None:
                                 # A handler object's hooks run here, not inside
                                 # _serve_request, and without the request: every
@@ -594,9 +696,6 @@ class WebSocketServer:
                                     await conn._dispatch(handler)
                                 finally:
                                     self._connections.pop(conn.id, None)
-                            elif request.connection is not None:
-                                await request.connection.aclose()
-                                self._connections.pop(request.connection.id, None)
                     nursery.cancel_scope.cancel()
                 # Whatever the opening phase did not answer gets its answer now.
                 if served:
@@ -621,7 +720,9 @@ class WebSocketServer:
                     if self._stopping:
                         await request.reject(503, body="server shutting down\n")
                     elif trio.current_time() >= deadline:
-                        logger.info("handler did not answer %s within open_timeout", request.path)
+                        logger.info(
+                            "handler did not answer %s within open_timeout", request.url_path
+                        )
                         await request.reject(503, body="handshake timeout\n")
                     else:
                         logger.error("handler returned without accepting or rejecting %s", request)
@@ -631,7 +732,8 @@ class WebSocketServer:
         except Exception:  # pragma: no cover - everything expected is handled above
             logger.exception("unexpected error while serving a connection")
         finally:
-            self._opening.discard(opening_scope)
+            if opening_scope is not None:
+                self._opening.pop(opening_scope, None)
             await transport.close()
             self._handling -= 1
             if not self._handling:
@@ -691,7 +793,7 @@ class WebSocketServer:
         assert head is not None
         if route.kind == "http":
             response = await route.endpoint(
-                HTTPRequest(head.method, head.path, head.query, head.headers, params)
+                HTTPRequest(head.method, head.target, head.query, head.headers, params)
             )
             return handshake.reject(
                 response.status,
