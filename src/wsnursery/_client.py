@@ -11,14 +11,14 @@ from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from types import TracebackType
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
 import trio
 
 from ._connection import WebSocketConnection, _timeout
 from ._exceptions import CloseCode, HandshakeTimeout, InvalidHandshake, TransportError
 from ._handshake import ClientHandshake
-from ._headers import HeaderPairs, check_client_request
+from ._headers import HeaderPairs, check_client_request, parse_query, split_target
 from ._protocol import BoundedPerMessageDeflate, Protocol
 from ._tls import SYSTEM, StrPath, TrustStore, client_ssl_context
 from ._util import collapse_exception_groups, graceful_scope, stream_addresses
@@ -389,7 +389,7 @@ def client_connection(
             max_message_size=max_message_size,
         ),
         path=handshake.target,
-        query=dict(parse_qsl(urlsplit(handshake.target).query, keep_blank_values=True)),
+        query=parse_query(split_target(handshake.target)[1]),
         request_headers=handshake.request_headers(),
         response_headers=handshake.response_headers,
         subprotocol=handshake.subprotocol,

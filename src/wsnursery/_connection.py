@@ -48,6 +48,7 @@ from trio.lowlevel import (
 )
 
 from ._exceptions import CloseCode, CloseReason, ConnectionClosed
+from ._headers import split_target
 from ._protocol import WORK_BUDGET, Frame, Message, Protocol, ProtocolState
 from ._util import LazyAddresses
 
@@ -191,7 +192,9 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
             await conn.send_message(message)
 
     Attributes:
-        path: The request target's path (``/chat``).
+        path: The full request target, query included (``/chat?room=1``),
+            as trio-websocket's ``path``; :attr:`url_path` and
+            :attr:`query_string` are its parts.
         query: The request's query parameters (first value of each name).
         request_headers: The upgrade request's headers.
         response_headers: The 101 response's headers.
@@ -325,7 +328,8 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
 
     def __repr__(self) -> str:
         side = "client" if self._proto.client else "server"
-        return f"<WebSocketConnection {side} {self.path!r} state={self._proto.state.name}>"
+        # url_path: a token in the query must not reach the logs.
+        return f"<WebSocketConnection {side} {self.url_path!r} state={self._proto.state.name}>"
 
     # -- state ---------------------------------------------------------------
 
@@ -347,15 +351,11 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
     @property
     def url_path(self) -> str:
         """The path part of :attr:`path`, without the query (``/chat``)."""
-        from ._headers import split_target
-
         return split_target(self.path)[0]
 
     @property
     def query_string(self) -> str:
         """The raw query of :attr:`path`, after the ``?`` (``room=1``; ``""`` if none)."""
-        from ._headers import split_target
-
         return split_target(self.path)[1]
 
     # -- background tasks ----------------------------------------------------
@@ -700,7 +700,7 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
     def keepalive_due(self) -> bool:
         """True when a keep-alive check should run now (for a shared scheduler).
 
-        Due when a write waits for the peer (:meth:`_keepalive_once` then
+        Due when a write waits for the peer (``_keepalive_once`` then
         watches whether the peer takes any byte), or else when the reader
         reads: while nothing is read (a full queue, or a hook running on a
         handler object) a pong could not be seen.

@@ -18,7 +18,6 @@ import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from urllib.parse import parse_qsl
 
 import h11
 from wsproto.extensions import Extension
@@ -26,7 +25,7 @@ from wsproto.handshake import client_extensions_handshake, server_extensions_han
 from wsproto.utilities import RemoteProtocolError, generate_accept_token
 
 from ._exceptions import ConnectionRejected, InvalidHandshake
-from ._headers import HeaderPairs, Headers, raw_pairs, split_target
+from ._headers import HeaderPairs, Headers, parse_query, raw_pairs, split_target
 
 __all__ = [
     "ClientHandshake",
@@ -78,10 +77,7 @@ class RequestHead:
     def __post_init__(self) -> None:
         self.url_path, query = split_target(self.target)
         self.query_string = query
-        self.query = {}
-        if query:
-            for name, value in parse_qsl(query, keep_blank_values=True):
-                self.query.setdefault(name, value)  # the first value of each name
+        self.query = parse_query(query) if query else {}
 
     @property
     def path(self) -> str:

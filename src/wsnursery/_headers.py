@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
-__all__ = ["HeaderPairs", "Headers", "check_client_request", "raw_pairs", "split_target"]
+__all__ = [
+    "HeaderPairs",
+    "Headers",
+    "check_client_request",
+    "parse_query",
+    "raw_pairs",
+    "split_target",
+]
 
 HeaderPairs = Iterable[tuple[str | bytes, str | bytes]]
 
@@ -30,6 +37,14 @@ def split_target(target: str) -> tuple[str, str]:
         split = urlsplit(target)
         path, query = split.path, split.query
     return path or "/", query
+
+
+def parse_query(query_string: str) -> dict[str, str]:
+    """A query string as a mapping of each name to its first value (blank values kept)."""
+    query: dict[str, str] = {}
+    for name, value in parse_qsl(query_string, keep_blank_values=True):
+        query.setdefault(name, value)
+    return query
 
 
 def raw_pairs(pairs: HeaderPairs) -> list[tuple[bytes, bytes]]:
