@@ -32,6 +32,7 @@ from _helpers import (
     wait_until,
 )
 from wsnursery import (
+    ConnectionRejected,
     HTTPRequest,
     HTTPResponse,
     WebSocketConnection,
@@ -41,6 +42,7 @@ from wsnursery import (
     open_websocket_url,
     serve_websocket,
 )
+from wsnursery.testing import open_handler_client
 
 TIMEOUT = 10  # seconds: the hard cap of every test
 
@@ -460,3 +462,19 @@ async def test_path_without_a_query_has_an_empty_query_string() -> None:
             )
             await client.wait_closed()
     assert seen == [("/plain", "/plain", "")]
+
+
+async def test_open_timeout_holds_without_run_too() -> None:
+    """A connection served by _handle_stream alone (wsnursery.testing) still gets its 503.
+
+    Only run() starts the handshake expirer; without it, the deadline is the
+    connection nursery's own, as it was before the expirer existed.
+    """
+
+    async def undecided(request: WebSocketRequest) -> None:
+        await trio.sleep_forever()
+
+    with trio.fail_after(3), pytest.raises(ConnectionRejected) as caught:
+        async with open_handler_client(undecided, server_options={"open_timeout": 0.5}):
+            pass
+    assert caught.value.status_code == 503

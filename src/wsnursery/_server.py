@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import math
 import mimetypes
 import ssl
 import sys
@@ -217,7 +218,10 @@ class WebSocketRequest(LazyAddresses):
             await conn._write(response)
         except ConnectionClosed as exc:
             raise ConnectionClosed.for_reason(_lost()) from exc.__cause__
-        server._opening.pop(self._nursery.cancel_scope, None)  # open_timeout no longer applies
+        scope = self._nursery.cancel_scope
+        server._opening.pop(scope, None)  # open_timeout no longer applies
+        if server._nursery is None:
+            scope.deadline = math.inf  # served without run(): see _handle_stream
         self.connection = conn
         if self._dispatch:
             conn._nursery = self._nursery  # the client's task reads: see _dispatch
@@ -621,7 +625,11 @@ class WebSocketServer:
                     # accept() takes it off. No extra cancel scope stays alive
                     # for the connection's lifetime.
                     self._opening[opening_scope] = deadline
-                    if self._opening_added is not None:
+                    if self._nursery is None:
+                        # Served without run() (wsnursery.testing): no expirer
+                        # runs, so the deadline is the nursery's own.
+                        nursery.cancel_scope.deadline = deadline
+                    elif self._opening_added is not None:
                         self._opening_added.set()
                         self._opening_added = None
                     route: Route | None = None
