@@ -145,16 +145,17 @@ def main() -> None:
     sources = args.src or [str(HERE.parent / "src")]
     kinds = args.kinds.split(",")
     sizes = [int(s) for s in args.sizes.split(",")]
-    results: dict[tuple[str, str, int], float] = {}
+    results: dict[tuple[int, str, int], float] = {}
     started = time.monotonic()
     for kind in kinds:
         for size in sizes:
-            for src in sources:
+            for index, src in enumerate(sources):
                 short = count_instructions(src, kind, args.base, size)
                 long = count_instructions(src, kind, args.base + args.messages, size)
-                results[src, kind, size] = (long - short) / args.messages
+                results[index, kind, size] = (long - short) / args.messages
                 print(
-                    f"  {kind:12} {size:>7} B  {src}: {results[src, kind, size]:,.0f} instr/msg",
+                    f"  {kind:12} {size:>7} B  [{index}] {src}: "
+                    f"{results[index, kind, size]:,.0f} instr/msg",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -168,7 +169,7 @@ def main() -> None:
     for kind in kinds:
         for size in sizes:
             row = f"  {kind + ' ' + str(size) + ' B':20}"
-            values = [results[src, kind, size] for src in sources]
+            values = [results[index, kind, size] for index in range(len(sources))]
             row += "".join(f"{value:>14,.0f}" for value in values)
             row += "".join(f"{value / values[0]:>9.3f}x" for value in values[1:])
             print(row)
