@@ -7,7 +7,7 @@ server-side protocol object, the message is taken out (parse), and the reply fra
 
   wsproto Connection     wsproto's public sans-I/O API (Connection.receive_data/events/send)
   wsproto FrameProtocol  the lower wsproto layer (what wsnursery builds on)
-  wsnursery Protocol     wsnursery._protocol.Protocol, if it imports
+  wsnursery Protocol     wsnursery._sansio.protocol.Protocol, if it imports
   websockets Protocol    websockets' sans-I/O core (C unmasking): a reference bound
 
 Raw wsproto always runs with wsproto's own pure-Python masker (importing wsnursery swaps in
@@ -129,7 +129,7 @@ class WsnurseryProtocol(Impl):
     name = "wsnursery Protocol"
 
     def __init__(self) -> None:
-        from wsnursery import _protocol
+        from wsnursery._sansio import protocol as _protocol
 
         self.cls = _protocol.Protocol
         self.patched = wfp.XorMaskerSimple  # whatever wsnursery installed on import

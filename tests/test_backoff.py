@@ -23,7 +23,7 @@ from wsnursery import (
     TransportError,
     default_retry_on,
 )
-from wsnursery._reconnect import _Retries, retry_after
+from wsnursery._sansio.backoff import _Retries, retry_after
 
 
 def fixed(value: float) -> Callable[[], float]:

@@ -17,7 +17,7 @@ from wsnursery import (
     ProtocolState,
     WebSocketConnection,
 )
-from wsnursery._protocol import Protocol
+from wsnursery._sansio.protocol import Protocol
 from wsnursery.testing import open_websocket_pair
 
 

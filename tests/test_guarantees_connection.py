@@ -45,12 +45,8 @@ from wsnursery import (
     WebSocketHandler,
     open_websocket_url,
 )
-from wsnursery._protocol import (
-    BoundedPerMessageDeflate,
-    Protocol,
-    ProtocolState,
-    compressed_size_bound,
-)
+from wsnursery._sansio.deflate import BoundedPerMessageDeflate, compressed_size_bound
+from wsnursery._sansio.protocol import Protocol, ProtocolState
 
 TIMEOUT = 5
 

@@ -115,7 +115,7 @@ def flood_until_blocked(port: int, blob: bytes, result: dict[str, Any]) -> None:
 
 async def test_ping_flood_from_a_peer_that_reads_no_pong_is_bounded() -> None:
     """The server stops reading when its pongs cannot be written: TCP holds the flood."""
-    from wsnursery._protocol import WORK_BUDGET
+    from wsnursery._sansio.protocol import WORK_BUDGET
 
     result: dict[str, Any] = {}
     async with serving(echo_function, ping_interval=None) as server:
@@ -137,7 +137,7 @@ async def test_ping_flood_from_a_peer_that_reads_no_pong_is_bounded() -> None:
 
 def test_protocol_parses_a_bounded_slice_per_call() -> None:
     """One receive_data() call parses at most WORK_BUDGET frames; resume() goes on."""
-    from wsnursery._protocol import WORK_BUDGET, Protocol
+    from wsnursery._sansio.protocol import WORK_BUDGET, Protocol
 
     proto = Protocol(client=False)
     n = 10 * WORK_BUDGET + 3
@@ -156,7 +156,7 @@ def test_protocol_parses_a_bounded_slice_per_call() -> None:
 def test_observed_client_protocol_sees_every_slice() -> None:
     """The reconnecting client's observer hears of frames parsed by resume() too."""
     from wsnursery._client import _ObservedProtocol
-    from wsnursery._protocol import WORK_BUDGET
+    from wsnursery._sansio.protocol import WORK_BUDGET
 
     seen: list[tuple[str, Any]] = []
     proto = _ObservedProtocol(lambda kind, value: seen.append((kind, value)), client=True)

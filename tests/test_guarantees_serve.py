@@ -46,7 +46,7 @@ from wsnursery import (
     WebSocketServer,
     serve_websocket,
 )
-from wsnursery._exceptions import CloseReason
+from wsnursery._sansio.exceptions import CloseReason
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from wsproto.utilities import generate_accept_token
 
 from wsnursery import ConnectionRejected, Headers, InvalidHandshake
-from wsnursery._handshake import ClientHandshake, HTTPError, ServerHandshake
-from wsnursery._protocol import BoundedPerMessageDeflate
+from wsnursery._sansio.deflate import BoundedPerMessageDeflate
+from wsnursery._sansio.handshake import ClientHandshake, HTTPError, ServerHandshake
 
 KEY = base64.b64encode(b"0123456789abcdef").decode()
 

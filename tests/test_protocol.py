@@ -10,8 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wsnursery import _mask
-from wsnursery._protocol import BoundedPerMessageDeflate, Protocol, ProtocolState
+from wsnursery._sansio import mask as _mask
+from wsnursery._sansio.deflate import BoundedPerMessageDeflate
+from wsnursery._sansio.protocol import Protocol, ProtocolState
 
 
 @pytest.fixture(params=["c", "python"], autouse=True)
@@ -454,7 +455,7 @@ def test_our_frames_match_wsproto_byte_for_byte(size: int, text: bool) -> None:
 
 
 def test_message_queue_is_fifo_through_growth_and_compaction() -> None:
-    from wsnursery._protocol import MessageQueue
+    from wsnursery._sansio.protocol import MessageQueue
 
     queue = MessageQueue()
     expected: list[str] = []

@@ -6,7 +6,6 @@ the ``async with`` (or ``serve_*`` call) that started it.
 
 from __future__ import annotations
 
-from . import _mask
 from ._broadcast import Backplane as Backplane
 from ._broadcast import Broadcaster as Broadcaster
 from ._broadcast import BroadcastReport as BroadcastReport
@@ -19,18 +18,6 @@ from ._client import connect_websocket_url as connect_websocket_url
 from ._client import open_websocket as open_websocket
 from ._client import open_websocket_url as open_websocket_url
 from ._connection import WebSocketConnection as WebSocketConnection
-from ._exceptions import BackplaneError as BackplaneError
-from ._exceptions import CloseCode as CloseCode
-from ._exceptions import CloseReason as CloseReason
-from ._exceptions import ConnectionClosed as ConnectionClosed
-from ._exceptions import ConnectionClosedError as ConnectionClosedError
-from ._exceptions import ConnectionClosedOK as ConnectionClosedOK
-from ._exceptions import ConnectionRejected as ConnectionRejected
-from ._exceptions import HandshakeError as HandshakeError
-from ._exceptions import HandshakeTimeout as HandshakeTimeout
-from ._exceptions import InvalidHandshake as InvalidHandshake
-from ._exceptions import TransportError as TransportError
-from ._exceptions import WebSocketError as WebSocketError
 from ._handler import Accept as Accept
 from ._handler import Authenticator as Authenticator
 from ._handler import BasicAuth as BasicAuth
@@ -39,9 +26,6 @@ from ._handler import HTTPResponse as HTTPResponse
 from ._handler import Reject as Reject
 from ._handler import TokenAuth as TokenAuth
 from ._handler import WebSocketHandler as WebSocketHandler
-from ._headers import Headers as Headers
-from ._protocol import ProtocolState as ProtocolState
-from ._reconnect import Backoff as Backoff
 from ._reconnect import ClientEvent as ClientEvent
 from ._reconnect import CloseEvent as CloseEvent
 from ._reconnect import ErrorEvent as ErrorEvent
@@ -54,6 +38,22 @@ from ._reconnect import open_reconnecting_websocket as open_reconnecting_websock
 from ._redis import BackplaneEvent as BackplaneEvent
 from ._redis import RedisBackplane as RedisBackplane
 from ._redis import RedisBackplaneStats as RedisBackplaneStats
+from ._sansio import mask as _mask
+from ._sansio.backoff import Backoff as Backoff
+from ._sansio.exceptions import BackplaneError as BackplaneError
+from ._sansio.exceptions import CloseCode as CloseCode
+from ._sansio.exceptions import CloseReason as CloseReason
+from ._sansio.exceptions import ConnectionClosed as ConnectionClosed
+from ._sansio.exceptions import ConnectionClosedError as ConnectionClosedError
+from ._sansio.exceptions import ConnectionClosedOK as ConnectionClosedOK
+from ._sansio.exceptions import ConnectionRejected as ConnectionRejected
+from ._sansio.exceptions import HandshakeError as HandshakeError
+from ._sansio.exceptions import HandshakeTimeout as HandshakeTimeout
+from ._sansio.exceptions import InvalidHandshake as InvalidHandshake
+from ._sansio.exceptions import TransportError as TransportError
+from ._sansio.exceptions import WebSocketError as WebSocketError
+from ._sansio.headers import Headers as Headers
+from ._sansio.protocol import ProtocolState as ProtocolState
 from ._server import ConnectionRegistry as ConnectionRegistry
 from ._server import WebSocketRequest as WebSocketRequest
 from ._server import WebSocketServer as WebSocketServer

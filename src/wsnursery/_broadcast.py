@@ -46,8 +46,8 @@ from ._connection import (
     _frame_size,
     _shielded,
 )
-from ._exceptions import CloseCode, ConnectionClosed
-from ._protocol import Frame, Message, ProtocolState, encode_frame
+from ._sansio.exceptions import CloseCode, ConnectionClosed
+from ._sansio.protocol import Frame, Message, ProtocolState, encode_frame
 from ._util import collapse_exception_groups
 
 __all__ = [

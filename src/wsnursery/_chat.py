@@ -71,7 +71,7 @@ from ._handler import WebSocketHandler
 if TYPE_CHECKING:
     from ._broadcast import Broadcaster
     from ._connection import WebSocketConnection
-    from ._exceptions import CloseReason
+    from ._sansio.exceptions import CloseReason
 
 __all__ = ["ChatHandler", "add_command"]
 

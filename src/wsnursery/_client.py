@@ -16,10 +16,11 @@ from urllib.parse import urlsplit
 import trio
 
 from ._connection import WebSocketConnection, _timeout
-from ._exceptions import CloseCode, HandshakeTimeout, InvalidHandshake, TransportError
-from ._handshake import ClientHandshake
-from ._headers import HeaderPairs, check_client_request, parse_query, split_target
-from ._protocol import BoundedPerMessageDeflate, Protocol
+from ._sansio.deflate import BoundedPerMessageDeflate
+from ._sansio.exceptions import CloseCode, HandshakeTimeout, InvalidHandshake, TransportError
+from ._sansio.handshake import ClientHandshake
+from ._sansio.headers import HeaderPairs, check_client_request, parse_query, split_target
+from ._sansio.protocol import Protocol
 from ._tls import SYSTEM, StrPath, TrustStore, client_ssl_context
 from ._util import collapse_exception_groups, graceful_scope, stream_addresses
 

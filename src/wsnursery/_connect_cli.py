@@ -32,8 +32,6 @@ import trio
 
 from ._cli import EXIT_FAILURE, EXIT_USAGE, error, limit, os_error_text, positive_int
 from ._client import _parse_url, control_observer
-from ._exceptions import CloseReason, ConnectionClosed, HandshakeError, TransportError
-from ._headers import check_client_request
 from ._reconnect import (
     Backoff,
     ClientEvent,
@@ -44,6 +42,8 @@ from ._reconnect import (
     ReconnectingWebSocket,
     open_reconnecting_websocket,
 )
+from ._sansio.exceptions import CloseReason, ConnectionClosed, HandshakeError, TransportError
+from ._sansio.headers import check_client_request
 from ._tls import NONE, SYSTEM, StrPath, TrustStore
 
 __all__ = ["add_command"]

@@ -47,15 +47,15 @@ from trio.lowlevel import (
     wait_writable,
 )
 
-from ._exceptions import CloseCode, CloseReason, ConnectionClosed
-from ._headers import split_target
-from ._protocol import WORK_BUDGET, Frame, Message, Protocol, ProtocolState
+from ._sansio.exceptions import CloseCode, CloseReason, ConnectionClosed
+from ._sansio.headers import split_target
+from ._sansio.protocol import WORK_BUDGET, Frame, Message, Protocol, ProtocolState
 from ._util import LazyAddresses
 
 if TYPE_CHECKING:
     from ._broadcast import Outbox
     from ._handler import WebSocketHandler
-    from ._headers import Headers
+    from ._sansio.headers import Headers
 
 __all__ = ["WebSocketConnection"]
 

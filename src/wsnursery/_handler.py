@@ -16,11 +16,11 @@ from http.cookies import CookieError, SimpleCookie
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ._headers import HeaderPairs, split_target
+from ._sansio.headers import HeaderPairs, split_target
 
 if TYPE_CHECKING:
     from ._connection import WebSocketConnection
-    from ._exceptions import CloseReason
+    from ._sansio.exceptions import CloseReason
     from ._server import WebSocketRequest
 
 __all__ = [

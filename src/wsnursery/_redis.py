@@ -42,7 +42,7 @@ import trio
 from trio.lowlevel import ParkingLot, cancel_shielded_checkpoint
 
 from ._broadcast import Backplane, Broadcaster, Envelope
-from ._exceptions import BackplaneError
+from ._sansio.exceptions import BackplaneError
 from ._util import collapse_exception_groups, exception_leaves
 
 if TYPE_CHECKING:

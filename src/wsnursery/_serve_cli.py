@@ -42,8 +42,8 @@ from ._cli import (
     stop_gracefully,
     url_host,
 )
-from ._exceptions import BackplaneError
 from ._handler import build_router
+from ._sansio.exceptions import BackplaneError
 from ._server import HandlerSpec, WebSocketServer
 
 __all__ = ["add_command", "load_app"]

@@ -31,7 +31,6 @@ import trio
 
 from ._broadcast import Backplane, Broadcaster, OverflowPolicy
 from ._connection import WebSocketConnection, _make_transport, _timeout, _Transport
-from ._exceptions import CloseCode, CloseReason, ConnectionClosed
 from ._handler import (
     Accept,
     Authenticator,
@@ -44,10 +43,12 @@ from ._handler import (
     build_router,
     parse_cookies,
 )
-from ._handshake import HTTPError, RequestHead, ServerHandshake
-from ._headers import HeaderPairs, Headers
-from ._protocol import BoundedPerMessageDeflate, Protocol
 from ._redis import as_backplane
+from ._sansio.deflate import BoundedPerMessageDeflate
+from ._sansio.exceptions import CloseCode, CloseReason, ConnectionClosed
+from ._sansio.handshake import HTTPError, RequestHead, ServerHandshake
+from ._sansio.headers import HeaderPairs, Headers
+from ._sansio.protocol import Protocol
 from ._util import LazyAddresses, collapse_exception_groups, graceful_scope
 
 if sys.version_info >= (3, 11):

@@ -23,7 +23,7 @@ import trio.testing
 
 from ._client import BlockExit, client_connection, client_handshake, upgrade
 from ._connection import WebSocketConnection
-from ._headers import HeaderPairs
+from ._sansio.headers import HeaderPairs
 from ._server import Handler, WebSocketRequest, WebSocketServer
 from ._util import collapse_exception_groups, graceful_scope
 

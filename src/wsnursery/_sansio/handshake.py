@@ -24,8 +24,8 @@ from wsproto.extensions import Extension
 from wsproto.handshake import client_extensions_handshake, server_extensions_handshake
 from wsproto.utilities import RemoteProtocolError, generate_accept_token
 
-from ._exceptions import ConnectionRejected, InvalidHandshake
-from ._headers import HeaderPairs, Headers, parse_query, raw_pairs, split_target
+from .exceptions import ConnectionRejected, InvalidHandshake
+from .headers import HeaderPairs, Headers, parse_query, raw_pairs, split_target
 
 __all__ = [
     "ClientHandshake",

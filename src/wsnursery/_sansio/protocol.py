@@ -35,19 +35,17 @@ from __future__ import annotations
 import enum
 import os
 import struct
-import zlib
 from collections.abc import Iterator, Sequence
 from typing import cast
 
 from wsproto.extensions import Extension, PerMessageDeflate
-from wsproto.frame_protocol import CloseReason as _WsprotoClose
-from wsproto.frame_protocol import Frame as _WsprotoFrame
-from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
+from wsproto.frame_protocol import Opcode, ParseFailed
 
-from ._exceptions import CloseCode, CloseReason
-from ._mask import mask
+from .deflate import BoundedPerMessageDeflate, FrameLayer, compressed_size_bound
+from .exceptions import CloseCode, CloseReason
+from .mask import mask
 
-__all__ = ["BoundedPerMessageDeflate", "Frame", "Protocol", "ProtocolState", "encode_frame"]
+__all__ = ["Frame", "Protocol", "ProtocolState", "encode_frame"]
 
 Message = str | bytes
 #: A frame to write: one buffer, or buffers to write in order.
@@ -163,104 +161,12 @@ class ProtocolState(enum.Enum):
     BROKEN = "broken"
 
 
-def compressed_size_bound(max_message_size: int) -> int:
-    """The largest compressed payload accepted for a message of ``max_message_size``.
-
-    Deflate can make incompressible data larger: zlib's own worst case, for
-    any level, window and memory setting (``deflateBound`` with non-default
-    parameters), is n + n/8 + n/64 + 11 bytes, about 14 %. A quarter more plus
-    1 KiB (for the sync-flush markers of a message sent in many frames)
-    covers every real encoder; only deliberately padded deflate data (empty
-    stored blocks) could be larger and still inflate within the limit, and is
-    refused with 1009.
-    """
-    return max_message_size + (max_message_size >> 2) + 1024
-
-
-class BoundedPerMessageDeflate(PerMessageDeflate):
-    """permessage-deflate (RFC 7692) that refuses to inflate past a size limit.
-
-    wsproto inflates each chunk without a bound, so a few kilobytes of crafted
-    deflate data could expand into gigabytes. This subclass inflates with
-    ``max_length`` and reports 1009 as soon as a message grows past
-    ``max_message_size``.
-    """
-
-    def __init__(
-        self, *args: object, max_message_size: int | None = None, **kwargs: object
-    ) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.max_message_size = max_message_size
-        self._inflated = 0
-        #: Compressed payload bytes received of the current message.
-        self.compressed_received = 0
-
-    def frame_inbound_payload_data(self, proto: object, data: bytes) -> bytes | _WsprotoClose:
-        if (
-            self.max_message_size is None
-            or not self._inbound_compressed
-            or not self._inbound_is_compressible
-        ):
-            return super().frame_inbound_payload_data(proto, data)  # type: ignore[arg-type]
-        self.compressed_received += len(data)
-        decompressor = self._decompressor
-        assert decompressor is not None
-        # max_length=0 would mean "no limit": the budget is always at least 1.
-        budget = self.max_message_size - self._inflated + 1
-        try:
-            out = decompressor.decompress(data, budget)
-        except zlib.error:
-            return _WsprotoClose.INVALID_FRAME_PAYLOAD_DATA
-        self._inflated += len(out)
-        if decompressor.unconsumed_tail or self._inflated > self.max_message_size:
-            return _WsprotoClose.MESSAGE_TOO_BIG
-        return out
-
-    def frame_inbound_complete(self, proto: object, fin: bool) -> bytes | _WsprotoClose | None:
-        result = super().frame_inbound_complete(proto, fin)  # type: ignore[arg-type]
-        if fin:
-            self._inflated = self.compressed_received = 0
-        return result
-
-
-# RFC 6455 section 7.4 and the IANA registry: the codes a close frame may carry.
-# 1004 is reserved, 1005, 1006 and 1015 never go on the wire, 1016-2999 are
-# unassigned (or for extensions), 3000-4999 are for libraries and applications.
-def _valid_received_code(code: int) -> bool:
-    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
-
-
 def _fresh_per_message(extension: Extension, client: bool) -> bool:
     if isinstance(extension, PerMessageDeflate):
         if client:
             return bool(extension.client_no_context_takeover)
         return bool(extension.server_no_context_takeover)
     return False
-
-
-class _FrameProtocol(FrameProtocol):
-    """wsproto's frame layer, with the close codes RFC 6455 and IANA allow.
-
-    wsproto refuses registered codes it does not know (1014, Bad Gateway).
-    """
-
-    def _process_close(self, frame: _WsprotoFrame) -> _WsprotoFrame:
-        data = frame.payload
-        assert isinstance(data, (bytes, bytearray))
-        if len(data) < 2:
-            return super()._process_close(frame)
-        (code,) = struct.unpack("!H", data[:2])
-        if not _valid_received_code(code):
-            raise ParseFailed(f"CLOSE with invalid code {code}")
-        try:
-            reason = bytes(data[2:]).decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise ParseFailed(
-                f"Error decoding CLOSE reason: {exc}", _WsprotoClose.INVALID_FRAME_PAYLOAD_DATA
-            ) from None
-        return _WsprotoFrame(
-            frame.opcode, (code, reason), frame.frame_finished, frame.message_finished
-        )
 
 
 class Protocol:
@@ -290,7 +196,7 @@ class Protocol:
         self.client = client
         self.max_message_size = max_message_size
         self.extensions = list(extensions)
-        self._proto = _FrameProtocol(client, self.extensions)
+        self._proto = FrameLayer(client, self.extensions)
         #: True when :func:`encode_frame`'s bytes are this side's frame for a
         #: message: a server frame is unmasked, so without an extension the
         #: same bytes serve every such connection (what a broadcast relies on).
@@ -402,14 +308,16 @@ class Protocol:
                     return
             # Everything buffered is parsed. A frame header that already
             # declares a too-big message is refused now, not after its payload.
-            if self.max_message_size is not None and proto._frame_decoder.header is not None:
-                self._check_declared_size()
+            if self.max_message_size is not None:
+                pending = proto.pending_frame()
+                if pending is not None:
+                    self._check_declared_size(*pending)
         except ParseFailed as exc:
             self.fail(int(exc.code), str(exc))
         finally:
             self.budget = budget
 
-    def _check_declared_size(self) -> None:
+    def _check_declared_size(self, opcode: Opcode, remaining: int) -> None:
         """Fail with 1009 when the frame being received declares too big a message.
 
         Uncompressed, the message is at least what was received of it plus
@@ -420,15 +328,11 @@ class Protocol:
         deflate encoder in use produces that much for a message within the
         limit); below it, inflating stops at the limit as before.
         """
-        decoder = self._proto._frame_decoder
-        head = decoder.header
-        assert head is not None
         assert self.max_message_size is not None
-        if head.opcode.iscontrol():
+        if opcode.iscontrol():
             return  # at most 125 bytes, and not part of a message
-        remaining = head.payload_len - decoder.payload_consumed
         deflate = self._deflate
-        if deflate is not None and deflate._inbound_compressed:
+        if deflate is not None and deflate.inbound_compressed:
             declared = deflate.compressed_received + remaining
             limit = compressed_size_bound(self.max_message_size)
         else:

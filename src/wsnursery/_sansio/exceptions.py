@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from ._headers import HeaderPairs, Headers
+from .headers import HeaderPairs, Headers
 
 __all__ = [
     "BackplaneError",
