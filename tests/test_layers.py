@@ -1,0 +1,280 @@
+"""The layers of the package, checked statically: arrows only point down, and no circle.
+
+The modules are read with :mod:`ast`, never imported, so a test here fails the
+same way whatever the import order or the optional packages installed.
+
+The layer order is the one ``/work/shared/guide/architecture.md`` draws (see
+also ``docs/topics/design.rst``), as it applies to today's files, from the
+bottom (0) up. A module may import modules of its own layer or of a lower one.
+Names of modules that do not exist yet (``_transport``, ``_keepalive``,
+``_dispatch``, ``_request``, ``_backplane``, ``_auth``) are placed already, so
+that a module moving into its room needs no change here.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+PACKAGE = "wsnursery"
+SRC = Path(__file__).resolve().parent.parent / "src" / PACKAGE
+
+#: Bottom first. A module's layer is found by its first name under wsnursery
+#: (``_sansio`` for ``wsnursery._sansio.protocol``; ``_cli`` for a module or a
+#: package of that name).
+LAYERS: list[set[str]] = [
+    {"_sansio"},  # the protocol, handshake, exceptions, backoff: no I/O, no trio
+    {"_util", "_tls", "_transport"},  # trio helpers, TLS contexts, the socket fast path
+    {"_connection"},  # one connection: read step, the one write path, ping/pong/close
+    {"_keepalive"},
+    {"_client", "_reconnect"},
+    {"_broadcast"},
+    # The backplanes implement the Backplane ABC that _broadcast defines, so they
+    # sit above it (the guide draws them below; an arrow up would be needed).
+    {"_backplane", "_redis"},
+    {"_dispatch"},
+    {"_handler", "_auth"},
+    {"_request"},
+    {"_server"},
+    {"testing"},
+    {"_cli", "_chat", "_connect_cli", "_serve_cli", "__main__"},
+    {"__init__"},  # the public face re-exports every layer
+]
+
+#: Known arrows up, (importer, imported) by layer name, that other work on
+#: issue 11 removes. Each must still exist (the test says when one is gone, so
+#: that this list only shrinks).
+UPWARD_ALLOWED: set[tuple[str, str]] = {
+    # _connection names Outbox and WebSocketHandler in annotations (TYPE_CHECKING);
+    # the write path and dispatch seams remove both.
+    ("_connection", "_broadcast"),
+    ("_connection", "_handler"),
+    # _handler names WebSocketRequest (today in _server) in annotations
+    # (TYPE_CHECKING); _request.py moves it below _handler.
+    ("_handler", "_server"),
+}
+
+#: Import cycles among wsnursery's modules at run time (TYPE_CHECKING imports
+#: left out; imports inside functions counted), each as its sorted members.
+CYCLES_ALLOWED: set[tuple[str, ...]] = {
+    # The CLI's entry point loads its subcommands lazily (inside a function),
+    # and they borrow the entry point's helpers (_chat also lazily): _cli/ as a
+    # package, with the helpers in a module of their own, untangles it.
+    ("wsnursery._chat", "wsnursery._cli", "wsnursery._connect_cli", "wsnursery._serve_cli"),
+}
+
+#: What a module under _sansio/ may import besides the standard library (and
+#: the modules under these names): websockets.speedups is the optional C XOR
+#: (a pure function, no I/O), not the websockets package's I/O layers.
+SANSIO_THIRD_PARTY = {"wsproto", "h11", "websockets.speedups"}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(path): path for path in sorted(SRC.rglob("*.py"))}
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _walk(node: ast.AST, type_checking: bool) -> Iterator[tuple[ast.AST, bool]]:
+    """Every node under ``node``, with whether it sits in an ``if TYPE_CHECKING:`` body."""
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, ast.If) and _is_type_checking(child.test):
+            for stmt in child.body:
+                yield stmt, True
+                yield from _walk(stmt, True)
+            for stmt in child.orelse:
+                yield stmt, type_checking
+                yield from _walk(stmt, type_checking)
+        else:
+            yield child, type_checking
+            yield from _walk(child, type_checking)
+
+
+def imports(name: str, path: Path, known: set[str]) -> Iterator[tuple[str, bool]]:
+    """(imported module, under TYPE_CHECKING) for each import in a module.
+
+    Relative imports are resolved; ``from . import x`` names the module ``x``
+    when there is one.
+    """
+    is_package = path.name == "__init__.py"
+    package = name if is_package else name.rpartition(".")[0]
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    for node, type_checking in _walk(tree, False):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name, type_checking
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base_parts = package.split(".")
+                if node.level > 1:
+                    base_parts = base_parts[: -(node.level - 1)]
+                base = ".".join(base_parts)
+                target = f"{base}.{node.module}" if node.module else base
+            else:
+                assert node.module is not None
+                target = node.module
+            yield target, type_checking
+            for alias in node.names:
+                if f"{target}.{alias.name}" in known:
+                    yield f"{target}.{alias.name}", type_checking
+
+
+def graph() -> dict[str, list[tuple[str, bool]]]:
+    found = modules()
+    known = set(found)
+    return {name: list(imports(name, path, known)) for name, path in found.items()}
+
+
+def layer_name(module: str) -> str:
+    parts = module.split(".")
+    assert parts[0] == PACKAGE
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def layer_of(module: str) -> int:
+    name = layer_name(module)
+    for index, layer in enumerate(LAYERS):
+        if name in layer:
+            return index
+    raise AssertionError(f"{module} is in no layer: add {name!r} to LAYERS in {__file__}")
+
+
+def test_the_modules_are_found() -> None:
+    found = modules()
+    assert "wsnursery._sansio.protocol" in found
+    assert "wsnursery" in found
+    assert len(found) > 10
+
+
+def test_sansio_imports_only_the_standard_library_wsproto_h11_and_itself() -> None:
+    allowed_roots = set(sys.stdlib_module_names) | {"__future__"}
+    allowed = SANSIO_THIRD_PARTY
+    wrong = []
+    for module, edges in graph().items():
+        if not module.startswith(f"{PACKAGE}._sansio"):
+            continue
+        for target, _ in edges:
+            if target == f"{PACKAGE}._sansio" or target.startswith(f"{PACKAGE}._sansio."):
+                continue
+            if target.split(".")[0] in allowed_roots:
+                continue
+            if not any(target == name or target.startswith(f"{name}.") for name in allowed):
+                wrong.append(f"{module} imports {target}")
+    assert not wrong, "_sansio/ must stay free of I/O and of the layers above it:\n" + "\n".join(
+        wrong
+    )
+
+
+def test_sansio_allow_list_forbids_trio_and_friends() -> None:
+    # The check above would let these through if they ever became stdlib names.
+    for name in ("trio", "anyio", "coredis", PACKAGE):
+        assert name not in sys.stdlib_module_names
+        assert name not in SANSIO_THIRD_PARTY
+
+
+def test_every_module_has_a_layer() -> None:
+    for module in modules():
+        layer_of(module)
+
+
+def test_no_module_imports_a_higher_layer() -> None:
+    upward = set()
+    for module, edges in graph().items():
+        for target, _ in edges:
+            if target != PACKAGE and not target.startswith(f"{PACKAGE}."):
+                continue
+            if target == PACKAGE and module != PACKAGE:
+                upward.add((layer_name(module), "__init__"))
+                continue
+            if layer_of(target) > layer_of(module):
+                upward.add((layer_name(module), layer_name(target)))
+    unexpected = upward - UPWARD_ALLOWED
+    assert not unexpected, f"imports from a lower layer up to a higher one: {sorted(unexpected)}"
+    gone = UPWARD_ALLOWED - upward
+    assert not gone, f"these upward imports are gone: remove them from UPWARD_ALLOWED: {gone}"
+
+
+def _cycles(edges: dict[str, set[str]]) -> set[tuple[str, ...]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: set[tuple[str, ...]] = set()
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in edges.get(node, ()):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.add(tuple(sorted(component)))
+
+    for node in sorted(edges):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def _runtime_edges() -> dict[str, set[str]]:
+    found = graph()
+    edges: dict[str, set[str]] = {}
+    for module, targets in found.items():
+        edges[module] = {
+            target
+            for target, type_checking in targets
+            # A submodule importing its own package's __init__ is how Python
+            # loads it anyway: not an arrow of ours.
+            if not type_checking and target in found and not module.startswith(f"{target}.")
+        }
+    return edges
+
+
+def test_cycle_finder_finds_a_cycle() -> None:
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == {("a", "b", "c")}
+    assert _cycles({"a": {"b"}, "b": set()}) == set()
+
+
+def test_no_import_cycle_at_run_time() -> None:
+    cycles = _cycles(_runtime_edges())
+    unexpected = cycles - CYCLES_ALLOWED
+    assert not unexpected, f"import cycles among wsnursery's modules: {sorted(unexpected)}"
+    gone = CYCLES_ALLOWED - cycles
+    assert not gone, f"these cycles are gone: remove them from CYCLES_ALLOWED: {gone}"
+
+
+@pytest.mark.parametrize("cycle", sorted(CYCLES_ALLOWED))
+def test_allowed_cycles_go_through_a_lazy_import(cycle: tuple[str, ...]) -> None:
+    # An allowed cycle must not break importing: each module imports alone.
+
+    for module in cycle:
+        importlib.import_module(module)
