@@ -10,9 +10,9 @@ server-side protocol object, the message is taken out (parse), and the reply fra
   wsnursery Protocol     wsnursery._sansio.protocol.Protocol, if it imports
   websockets Protocol    websockets' sans-I/O core (C unmasking): a reference bound
 
-Raw wsproto always runs with wsproto's own pure-Python masker (importing wsnursery swaps in
-a C one; that swap is undone for the wsproto rows).  WSNURSERY_NO_SPEEDUPS=1 times
-wsnursery with the pure-Python masker too.
+Raw wsproto always runs with wsproto's own pure-Python masker (wsnursery's protocol objects
+use a C one of their own when websockets.speedups is installed).  WSNURSERY_NO_SPEEDUPS=1
+times wsnursery with the pure-Python masker too.
 
     .venv/bin/python benchmarks/bench_parse.py --cpu 1
     .venv/bin/python benchmarks/bench_parse.py --sizes 32,1048576 --chunk 65536 --json parse.json
@@ -132,11 +132,16 @@ class WsnurseryProtocol(Impl):
         from wsnursery._sansio import protocol as _protocol
 
         self.cls = _protocol.Protocol
-        self.patched = wfp.XorMaskerSimple  # whatever wsnursery installed on import
-        self.masker = "python" if self.patched is ORIGINAL_MASKER else "c"
+        try:  # the masker wsnursery's own protocol objects use
+            from wsnursery._sansio import mask as _mask
+
+            self.masker = _mask.active_masker()
+        except ImportError:  # an older layout: wsnursery swapped wsproto's masker on import
+            self.masker = "python" if wfp.XorMaskerSimple is ORIGINAL_MASKER else "c"
+            self.patched = wfp.XorMaskerSimple
 
     def setup(self) -> None:
-        wfp.XorMaskerSimple = self.patched  # type: ignore[misc]
+        wfp.XorMaskerSimple = getattr(self, "patched", ORIGINAL_MASKER)  # type: ignore[misc]
 
     def make(self):  # type: ignore[no-untyped-def]
         proto = self.cls(client=False, max_message_size=MAX_MESSAGE_SIZE)

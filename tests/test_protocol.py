@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import struct
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from wsproto.frame_protocol import FrameProtocol, XorMaskerSimple
 
 from wsnursery._sansio import mask as _mask
 from wsnursery._sansio.deflate import BoundedPerMessageDeflate
@@ -18,13 +21,14 @@ from wsnursery._sansio.protocol import Protocol, ProtocolState
 @pytest.fixture(params=["c", "python"], autouse=True)
 def masker(request: pytest.FixtureRequest) -> Iterator[str]:
     """Run every test with the C masker and with wsproto's pure-Python one."""
+    before = _mask.fast
     if request.param == "c":
-        assert _mask.install(), "websockets.speedups should be installed for the tests"
+        assert _mask.use_fast_masker(), "websockets.speedups should be installed for the tests"
     else:
-        _mask.uninstall()
+        _mask.use_fast_masker(False)
     assert _mask.active_masker() == request.param
     yield request.param
-    _mask.install()
+    _mask.use_fast_masker(before)
 
 
 def frame(
@@ -427,7 +431,7 @@ def test_fast_masker_matches_wsproto_on_random_chunkings() -> None:
     for _ in range(300):
         key = os.urandom(4)
         data = os.urandom(rng.randrange(0, 3000))
-        ours, theirs = _mask.FastXorMasker(key), _mask._ORIGINAL(key)
+        ours, theirs = _mask.FastXorMasker(key), XorMaskerSimple(key)
         pos = 0
         while pos < len(data):
             step = rng.randrange(1, 200)
@@ -440,8 +444,6 @@ def test_fast_masker_matches_wsproto_on_random_chunkings() -> None:
 @pytest.mark.parametrize("text", [True, False])
 def test_our_frames_match_wsproto_byte_for_byte(size: int, text: bool) -> None:
     """Frames without an extension are built here; they must be wsproto's to the byte."""
-    from wsproto.frame_protocol import FrameProtocol
-
     message: str | bytes = "t" * size if text else os.urandom(size)
     ours = Protocol(client=False).frame_message(message)
     joined = b"".join(ours) if isinstance(ours, list) else ours
@@ -452,6 +454,75 @@ def test_our_frames_match_wsproto_byte_for_byte(size: int, text: bool) -> None:
     client_frame = Protocol(client=True).frame_message(message)
     server.receive_data(b"".join(client_frame) if isinstance(client_frame, list) else client_frame)
     assert list(server.messages) == [message]
+
+
+def test_importing_wsnursery_leaves_wsproto_alone() -> None:
+    """No global side effect: wsproto's masker stays wsproto's for its other users."""
+    code = (
+        "import wsproto.frame_protocol as f; before = f.XorMaskerSimple; import wsnursery; "
+        "import wsnursery.testing; assert f.XorMaskerSimple is before, f.XorMaskerSimple; "
+        "assert f.XorMaskerSimple.__module__ == 'wsproto.frame_protocol'"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "WSNURSERY_NO_SPEEDUPS"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
+    import wsproto.frame_protocol as wfp
+
+    assert wfp.XorMaskerSimple is XorMaskerSimple
+    assert XorMaskerSimple.__module__ == "wsproto.frame_protocol"
+
+
+def test_our_protocol_masks_and_unmasks_with_the_c_xor(
+    masker: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Our protocol objects mask and unmask with the C XOR when it is in use; wsproto's don't."""
+    calls = []
+    real = _mask.apply_mask
+    assert real is not None, "websockets.speedups is a test dependency"
+
+    def counting(data: bytes, key: bytes) -> bytes:
+        calls.append(len(data))
+        return real(data, key)
+
+    monkeypatch.setattr(_mask, "apply_mask", counting)
+    for client, server in [(Protocol(client=True), Protocol(client=False)), deflate_pair()]:
+        calls.clear()
+        frame = client.send_message(b"x" * 1000)  # masked (deflate: wsproto's serialiser)
+        assert bool(calls) == (masker == "c")
+        calls.clear()
+        server.receive_data(frame)  # unmasked in the frame decoder
+        assert list(server.messages) == [b"x" * 1000]
+        assert bool(calls) == (masker == "c")
+    frame = Protocol(client=True).send_message(b"z" * 100)
+    calls.clear()
+    theirs = FrameProtocol(False, [])
+    theirs.receive_bytes(frame)
+    [received] = theirs.received_frames()
+    assert received.payload == b"z" * 100
+    assert calls == []  # a plain wsproto object keeps wsproto's own masker
+
+
+@pytest.mark.parametrize("size", [0, 5, 125, 126, 65535, 65536, 70000])
+def test_client_deflate_frames_match_wsproto_byte_for_byte(
+    size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the C XOR, the client's frames are serialised here: they must be wsproto's."""
+    from wsnursery._sansio.deflate import FrameLayer
+
+    monkeypatch.setattr(os, "urandom", lambda n: b"\x01\x02\x03\x04"[:n])
+    message = os.urandom(1) * size + bytes(range(256)) * (size // 256)
+
+    def layer(cls: type[FrameProtocol]) -> FrameProtocol:
+        ext = BoundedPerMessageDeflate()
+        ext.finalize("permessage-deflate")
+        return cls(True, [ext])
+
+    ours, theirs = layer(FrameLayer), layer(FrameProtocol)
+    for fin in (False, True):
+        assert ours.send_data(message, fin) == theirs.send_data(message, fin)
+    assert ours.ping(b"p") == theirs.ping(b"p")
+    assert ours.close(1000, "bye") == theirs.close(1000, "bye")
+    plain_ours, plain_theirs = FrameLayer(True, []), FrameProtocol(True, [])
+    assert plain_ours.send_data(message, True) == plain_theirs.send_data(message, True)
 
 
 def test_message_queue_is_fifo_through_growth_and_compaction() -> None:

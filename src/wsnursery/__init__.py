@@ -38,7 +38,6 @@ from ._reconnect import open_reconnecting_websocket as open_reconnecting_websock
 from ._redis import BackplaneEvent as BackplaneEvent
 from ._redis import RedisBackplane as RedisBackplane
 from ._redis import RedisBackplaneStats as RedisBackplaneStats
-from ._sansio import mask as _mask
 from ._sansio.backoff import Backoff as Backoff
 from ._sansio.exceptions import BackplaneError as BackplaneError
 from ._sansio.exceptions import CloseCode as CloseCode
@@ -65,8 +64,6 @@ from ._tls import client_ssl_context as client_ssl_context
 from ._tls import server_ssl_context as server_ssl_context
 
 __version__ = "0.1.0.dev0"
-
-_mask.install()
 
 # Public names report the public module, as trio's do.
 for _name, _obj in list(globals().items()):

@@ -1,17 +1,18 @@
-"""Fast unmasking for wsproto, when a C XOR is available.
+"""Fast unmasking for our own protocol objects, when a C XOR is available.
 
 wsproto unmasks with ``XorMaskerSimple`` (``bytes.translate`` on four strided
 slices, about 1 GB/s), which is about half the server's CPU on large messages.
-wsproto looks the class up as a module global of ``wsproto.frame_protocol``
-each time it parses a frame header, so a class with the same contract can take
-its place. Ours XORs with ``websockets.speedups.apply_mask`` (C, a word at a
-time, tens of GB/s) when the optional ``websockets`` package is installed
-(``pip install wsnursery[speedups]``), and leaves wsproto's own class in place
-otherwise. Set ``WSNURSERY_NO_SPEEDUPS=1`` to keep the pure-Python masker.
+Our frame layer (:class:`.deflate.FrameLayer`) swaps in :class:`FastXorMasker`
+for the frames it parses and masks: it XORs with
+``websockets.speedups.apply_mask`` (C, a word at a time, tens of GB/s) when the
+optional ``websockets`` package is installed (``pip install
+wsnursery[speedups]``). wsproto itself is left alone: importing wsnursery
+changes nothing for any other wsproto user in the process. Set
+``WSNURSERY_NO_SPEEDUPS=1`` to keep the pure-Python masker.
 
-The contract: ``process(data)`` returns the XOR of ``data`` with the 4-byte
-key repeated, and rotates the key by ``len(data) % 4`` so that the next call
-continues where this one stopped (a frame's payload arrives in pieces).
+The contract (wsproto's): ``process(data)`` returns the XOR of ``data`` with the
+4-byte key repeated, and rotates the key by ``len(data) % 4`` so that the next
+call continues where this one stopped (a frame's payload arrives in pieces).
 """
 
 from __future__ import annotations
@@ -19,11 +20,10 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-import wsproto.frame_protocol as _frame_protocol
+from wsproto.frame_protocol import XorMaskerSimple
 
-__all__ = ["FastXorMasker", "active_masker", "install", "mask", "uninstall"]
+__all__ = ["FastXorMasker", "active_masker", "fast", "mask", "use_fast_masker"]
 
-_ORIGINAL = _frame_protocol.XorMaskerSimple
 apply_mask: Callable[[bytes, bytes], bytes] | None
 try:
     from websockets.speedups import apply_mask
@@ -52,29 +52,30 @@ class FastXorMasker:
         return out
 
 
+#: True when protocol objects made from now on use :class:`FastXorMasker`.
+fast = apply_mask is not None and not os.environ.get("WSNURSERY_NO_SPEEDUPS")
+
+
+def use_fast_masker(enabled: bool = True) -> bool:
+    """Choose the masker for the protocol objects made from now on; True if C.
+
+    Asking for the fast one has no effect when no C XOR is available. This
+    only concerns wsnursery's own objects; wsproto is never modified.
+    """
+    global fast
+    fast = enabled and apply_mask is not None
+    return fast
+
+
+def active_masker() -> str:
+    """``"c"`` when new protocol objects use the fast masker, ``"python"`` otherwise."""
+    return "c" if fast else "python"
+
+
 def mask(data: bytes, key: bytes) -> bytes:
     """XOR ``data`` with the 4-byte ``key`` repeated, with the active masker."""
     if not data:
         return b""
-    if apply_mask is not None and active_masker() == "c":
+    if fast and apply_mask is not None:
         return apply_mask(data, key)
-    return bytes(_frame_protocol.XorMaskerSimple(key).process(bytearray(data)))
-
-
-def install() -> bool:
-    """Use :class:`FastXorMasker` in wsproto if a C XOR is available; True if so."""
-    if apply_mask is None or os.environ.get("WSNURSERY_NO_SPEEDUPS"):
-        return False
-    _frame_protocol.XorMaskerSimple = FastXorMasker  # type: ignore[misc,assignment]
-    return True
-
-
-def uninstall() -> None:
-    """Put wsproto's own masker back."""
-    _frame_protocol.XorMaskerSimple = _ORIGINAL  # type: ignore[misc]
-
-
-def active_masker() -> str:
-    """``"c"`` when the fast masker is in use, ``"python"`` otherwise."""
-    current: object = _frame_protocol.XorMaskerSimple
-    return "c" if current is FastXorMasker else "python"
+    return bytes(XorMaskerSimple(key).process(bytearray(data)))
