@@ -11,36 +11,33 @@ extends it here. The private wsproto names this module relies on (checked by
   (the frame being received, to refuse a too-big message from its header);
 * ``PerMessageDeflate._inbound_compressed``, ``_inbound_is_compressible`` and
   ``_decompressor`` (inflating with a bound);
-* ``FrameDecoder.parse_header`` (extended) and ``XorMaskerSimple._masking_key``:
-  the decoder's masker is replaced by :class:`.mask.FastXorMasker` (the C XOR)
-  right after a header is parsed;
-* ``FrameProtocol._serialize_frame`` (overridden on the client side with the C
-  XOR: the frames wsproto serialises are masked with the fast masker too).
+* the global name ``XorMaskerSimple`` in ``FrameDecoder.parse_header`` and
+  ``FrameProtocol._serialize_frame``: copies of the two functions see our C
+  masker under that name (:func:`with_fast_masker`), so that our objects
+  unmask, and mask on the client side, with the C XOR while wsproto's module
+  stays untouched.
 
 Nothing outside this file touches a private wsproto name.
 """
 
 from __future__ import annotations
 
-import os
 import struct
+import types
 import zlib
+from collections.abc import Callable
+from typing import TypeVar
 
 from wsproto.extensions import Extension, PerMessageDeflate
 from wsproto.frame_protocol import CloseReason as _WsprotoClose
 from wsproto.frame_protocol import Frame as _WsprotoFrame
-from wsproto.frame_protocol import (
-    FrameDecoder,
-    FrameProtocol,
-    Opcode,
-    ParseFailed,
-    RsvBits,
-    XorMaskerSimple,
-)
+from wsproto.frame_protocol import FrameDecoder, FrameProtocol, Opcode, ParseFailed
 
 from . import mask as _mask
 
-__all__ = ["BoundedPerMessageDeflate", "FrameLayer", "compressed_size_bound"]
+__all__ = ["BoundedPerMessageDeflate", "FrameLayer", "compressed_size_bound", "with_fast_masker"]
+
+_T = TypeVar("_T")
 
 
 def compressed_size_bound(max_message_size: int) -> int:
@@ -115,20 +112,38 @@ def _valid_received_code(code: int) -> bool:
     return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
 
 
+def with_fast_masker(function: Callable[..., _T]) -> Callable[..., _T]:
+    """A copy of a wsproto function that masks with :class:`.mask.FastXorMasker`.
+
+    The copy runs the same code object, with module globals in which the name
+    ``XorMaskerSimple`` means our class: wsproto looks the masker up as a
+    global each time it parses a header or serialises a frame. wsproto's own
+    module and functions are untouched, and the copy costs nothing per frame.
+    """
+    code = function.__code__
+    if "XorMaskerSimple" not in code.co_names:
+        raise RuntimeError(f"wsproto's {function.__qualname__} no longer names XorMaskerSimple")
+    namespace = dict(function.__globals__)
+    namespace["XorMaskerSimple"] = _mask.FastXorMasker
+    copy = types.FunctionType(
+        code,
+        namespace,
+        function.__name__,
+        function.__defaults__,
+        function.__closure__,
+    )
+    copy.__kwdefaults__ = function.__kwdefaults__
+    copy.__qualname__ = function.__qualname__
+    return copy
+
+
 class _FastFrameDecoder(FrameDecoder):
     """wsproto's frame decoder, unmasking with the C XOR."""
 
-    def parse_header(self) -> bool:
-        if not super().parse_header():
-            return False
-        masker = self.masker
-        if type(masker) is XorMaskerSimple:
-            self.masker = _mask.FastXorMasker(masker._masking_key)  # type: ignore[assignment]
-        return True
+    parse_header = with_fast_masker(FrameDecoder.parse_header)
 
 
-_pack_short = struct.Struct("!BBH").pack
-_pack_long = struct.Struct("!BBQ").pack
+_fast_serialize_frame = with_fast_masker(FrameProtocol._serialize_frame)
 
 
 class FrameLayer(FrameProtocol):
@@ -141,10 +156,13 @@ class FrameLayer(FrameProtocol):
 
     def __init__(self, client: bool, extensions: list[Extension]) -> None:
         super().__init__(client, extensions)
-        self._fast_mask = _mask.fast
-        if self._fast_mask:
+        if _mask.fast:
             # FrameProtocol.__init__ made a plain decoder with no state yet.
             self._frame_decoder = _FastFrameDecoder(self.client, self.extensions)
+            if client:  # the server's frames are not masked
+                self._serialize_frame = types.MethodType(  # type: ignore[method-assign]
+                    _fast_serialize_frame, self
+                )
 
     def pending_frame(self) -> tuple[Opcode, int] | None:
         """The frame being received, if its header is parsed and its payload is not done.
@@ -175,28 +193,3 @@ class FrameLayer(FrameProtocol):
         return _WsprotoFrame(
             frame.opcode, (code, reason), frame.frame_finished, frame.message_finished
         )
-
-    def _serialize_frame(
-        self, opcode: Opcode, payload: bytes | bytearray = b"", fin: bool = True
-    ) -> bytearray:
-        if not (self.client and self._fast_mask):
-            return super()._serialize_frame(opcode, payload, fin)
-        # wsproto's serialiser, with the masking done by the C XOR.
-        rsv = RsvBits(False, False, False)
-        for extension in reversed(self.extensions):
-            rsv, payload = extension.frame_outbound(self, opcode, rsv, bytes(payload), fin)
-        first = (fin << 7) | (rsv.rsv1 << 6) | (rsv.rsv2 << 5) | (rsv.rsv3 << 4) | opcode
-        n = len(payload)
-        if n < 126:
-            header = bytes((first, 0x80 | n))
-        elif opcode.iscontrol():
-            raise ValueError("payload too long for control frame")
-        elif n < 65536:
-            header = _pack_short(first, 0x80 | 126, n)
-        else:
-            header = _pack_long(first, 0x80 | 127, n)
-        # RFC 6455 section 5.3: a fresh, unpredictable key for every frame.
-        key = os.urandom(4)
-        apply_mask = _mask.apply_mask
-        assert apply_mask is not None  # self._fast_mask says so
-        return bytearray(header + key + apply_mask(bytes(payload), key))
