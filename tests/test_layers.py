@@ -1,4 +1,4 @@
-"""The layers of the package, checked statically: arrows only point down, and no circle.
+"""The guards of the layout: arrows only point down, no circle, wsproto's privates pinned.
 
 The modules are read with :mod:`ast`, never imported, so a test here fails the
 same way whatever the import order or the optional packages installed.
@@ -9,6 +9,9 @@ bottom (0) up. A module may import modules of its own layer or of a lower one.
 Names of modules that do not exist yet (``_transport``, ``_keepalive``,
 ``_dispatch``, ``_request``, ``_backplane``, ``_auth``) are placed already, so
 that a module moving into its room needs no change here.
+
+The last tests check that the private wsproto names ``_sansio/deflate.py``
+relies on still exist, and that pyproject.toml bounds wsproto's version.
 """
 
 from __future__ import annotations
@@ -278,3 +281,94 @@ def test_allowed_cycles_go_through_a_lazy_import(cycle: tuple[str, ...]) -> None
 
     for module in cycle:
         importlib.import_module(module)
+
+
+# -- the private wsproto names _sansio/deflate.py relies on ------------------------------
+
+
+def _fresh_frame_protocol() -> object:
+    from wsproto.frame_protocol import FrameProtocol
+
+    return FrameProtocol(False, [])
+
+
+def _fresh_deflate() -> object:
+    from wsproto.extensions import PerMessageDeflate
+
+    return PerMessageDeflate()
+
+
+#: (where, attribute): each must exist in the installed wsproto. Keep this in
+#: step with the list at the top of src/wsnursery/_sansio/deflate.py.
+WSPROTO_PRIVATE_ATTRIBUTES = [
+    ("wsproto.frame_protocol.FrameProtocol", "_process_close"),
+    ("wsproto.frame_protocol.FrameProtocol", "_serialize_frame"),
+    ("FrameProtocol(...)", "_frame_decoder"),
+    ("FrameProtocol(...)._frame_decoder", "header"),
+    ("FrameProtocol(...)._frame_decoder", "payload_consumed"),
+    ("FrameProtocol(...)._frame_decoder", "masker"),
+    ("wsproto.frame_protocol.FrameDecoder", "parse_header"),
+    ("PerMessageDeflate()", "_inbound_compressed"),
+    ("PerMessageDeflate()", "_inbound_is_compressible"),
+    ("PerMessageDeflate()", "_decompressor"),
+]
+
+
+def _owner(where: str) -> object:
+    from wsproto import frame_protocol
+
+    if where == "FrameProtocol(...)":
+        return _fresh_frame_protocol()
+    if where == "FrameProtocol(...)._frame_decoder":
+        return _fresh_frame_protocol()._frame_decoder  # type: ignore[attr-defined]
+    if where == "PerMessageDeflate()":
+        return _fresh_deflate()
+    return getattr(frame_protocol, where.rpartition(".")[2])
+
+
+@pytest.mark.parametrize(
+    ("where", "attribute"),
+    WSPROTO_PRIVATE_ATTRIBUTES,
+    ids=[f"{w}.{a}" for w, a in WSPROTO_PRIVATE_ATTRIBUTES],
+)
+def test_the_private_wsproto_names_deflate_uses_exist(where: str, attribute: str) -> None:
+    import wsproto
+
+    assert hasattr(_owner(where), attribute), (
+        f"wsproto {getattr(wsproto, '__version__', '?')} has no {where}.{attribute}, which "
+        "src/wsnursery/_sansio/deflate.py relies on: adapt deflate.py before allowing this "
+        "wsproto version in pyproject.toml"
+    )
+
+
+@pytest.mark.parametrize(
+    "function", ["FrameDecoder.parse_header", "FrameProtocol._serialize_frame"]
+)
+def test_wsproto_looks_its_masker_up_as_a_global(function: str) -> None:
+    """deflate.with_fast_masker relies on it to give our objects the C masker."""
+    from wsproto import frame_protocol
+
+    cls, _, name = function.partition(".")
+    code = getattr(getattr(frame_protocol, cls), name).__code__
+    assert "XorMaskerSimple" in code.co_names, (
+        f"wsproto's {function} no longer looks up the global XorMaskerSimple: "
+        "src/wsnursery/_sansio/deflate.py's with_fast_masker needs another way"
+    )
+    assert "XorMaskerSimple" in vars(frame_protocol)
+
+
+def test_installed_wsproto_is_in_the_pinned_range() -> None:
+    tomllib = pytest.importorskip("tomllib")
+    requirements = pytest.importorskip("packaging.requirements")
+    from importlib.metadata import version
+
+    project = tomllib.loads((SRC.parent.parent / "pyproject.toml").read_text(encoding="utf-8"))
+    [pin] = [
+        requirements.Requirement(line)
+        for line in project["project"]["dependencies"]
+        if requirements.Requirement(line).name == "wsproto"
+    ]
+    assert pin.specifier, "pyproject.toml must bound wsproto: deflate.py uses its private names"
+    assert any(spec.operator == "<" for spec in pin.specifier), "wsproto needs an upper bound"
+    installed = version("wsproto")
+    assert pin.specifier.contains(installed), f"wsproto {installed} is outside {pin}"
