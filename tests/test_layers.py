@@ -372,3 +372,46 @@ def test_installed_wsproto_is_in_the_pinned_range() -> None:
     assert any(spec.operator == "<" for spec in pin.specifier), "wsproto needs an upper bound"
     installed = version("wsproto")
     assert pin.specifier.contains(installed), f"wsproto {installed} is outside {pin}"
+
+
+# -- the public face ------------------------------------------------------------------------
+
+
+def _isort_key(name: str) -> tuple[int, str]:
+    """ruff's RUF022 order: CONSTANTS, then CamelCase, then the rest, each alphabetical."""
+    if name.isupper():
+        return 0, name
+    return (1 if name[:1].isupper() else 2), name
+
+
+def test_all_lists_every_public_name_sorted() -> None:
+    import __future__
+
+    import types
+
+    import wsnursery
+
+    exported = {
+        name
+        for name, value in vars(wsnursery).items()
+        if not name.startswith("_")
+        and not isinstance(value, types.ModuleType)  # wsnursery.testing, once imported
+        and not isinstance(value, __future__._Feature)  # from __future__ import annotations
+    }
+    assert len(wsnursery.__all__) == len(set(wsnursery.__all__)), "a name twice in __all__"
+    assert set(wsnursery.__all__) == exported
+    assert wsnursery.__all__ == sorted(wsnursery.__all__, key=_isort_key)
+    namespace: dict[str, object] = {}
+    exec("from wsnursery import *", namespace)
+    assert set(namespace) - {"__builtins__"} == exported
+
+
+def test_public_names_report_the_public_module() -> None:
+    import inspect
+
+    import wsnursery
+
+    for name in wsnursery.__all__:
+        value = getattr(wsnursery, name)
+        if inspect.isclass(value) or inspect.isfunction(value):
+            assert value.__module__ == "wsnursery", name
