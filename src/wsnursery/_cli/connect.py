@@ -30,11 +30,10 @@ from typing import Any
 
 import trio
 
-from ._cli import EXIT_FAILURE, EXIT_USAGE, error, limit, os_error_text, positive_int
-from ._client import _parse_url, control_observer
-from ._exceptions import CloseReason, ConnectionClosed, HandshakeError, TransportError
-from ._headers import check_client_request
-from ._reconnect import (
+from .._client import _parse_url, control_observer
+from .._exceptions import CloseReason, ConnectionClosed, HandshakeError, TransportError
+from .._headers import check_client_request
+from .._reconnect import (
     Backoff,
     ClientEvent,
     CloseEvent,
@@ -44,7 +43,8 @@ from ._reconnect import (
     ReconnectingWebSocket,
     open_reconnecting_websocket,
 )
-from ._tls import NONE, SYSTEM, StrPath, TrustStore
+from .._tls import NONE, SYSTEM, StrPath, TrustStore
+from . import EXIT_FAILURE, EXIT_USAGE, error, limit, os_error_text, positive_int
 
 __all__ = ["add_command"]
 
