@@ -43,6 +43,7 @@ from trio.lowlevel import ParkingLot, cancel_shielded_checkpoint
 
 from ._broadcast import Backplane, Broadcaster, Envelope
 from ._exceptions import BackplaneError
+from ._reconnect import Backoff
 from ._util import collapse_exception_groups, exception_leaves
 
 if TYPE_CHECKING:
@@ -273,9 +274,12 @@ class RedisBackplane(Backplane):
     Delivery to other nodes is **at most once**: while Redis is unreachable
     each node keeps serving its own clients, drops (and counts) what it would
     have published, reconnects with backoff (``reconnect_delay`` doubling up to
-    ``max_reconnect_delay``) and reports the outage as :class:`BackplaneEvent`
-    objects, through ``on_event`` and :meth:`events`. Redis not reachable at
-    start is an error (:exc:`BackplaneError`) after ``connect_timeout``.
+    ``max_reconnect_delay``, each wait up to 10 % shorter at random, the jitter
+    of a :class:`Backoff`, so that the nodes that lost one Redis do not all
+    come back at the same instant) and reports the outage as
+    :class:`BackplaneEvent` objects, through ``on_event`` and :meth:`events`.
+    Redis not reachable at start is an error (:exc:`BackplaneError`) after
+    ``connect_timeout``.
 
     Needs the ``redis`` extra (``pip install wsnursery[redis]``, which
     installs coredis).
@@ -287,7 +291,8 @@ class RedisBackplane(Backplane):
             can share one Redis.
         connect_timeout: Seconds to connect and subscribe, at start (an error
             after it) and at each reconnection attempt.
-        reconnect_delay: Seconds before the first reconnection attempt.
+        reconnect_delay: Seconds before the first reconnection attempt (less
+            its jitter).
         max_reconnect_delay: The most the delay grows to, doubling each time.
         max_pending_messages: Messages queued for the publisher at most;
             beyond it (Redis slower than the senders) messages are dropped.
@@ -362,6 +367,9 @@ class RedisBackplane(Backplane):
         self.health_check_interval = health_check_interval
         self.command_timeout = command_timeout
         self.on_event = on_event
+        # Where the jitter of the reconnection waits comes from (random.random
+        # when None); a test fixes it to know the waits.
+        self._rng: Callable[[], float] | None = None
         self._prefix = namespace.encode("utf-8") + b":"
         self._all_channel = self._prefix + b"all"
         self._links: dict[str, _Link] = {}
@@ -571,7 +579,7 @@ class RedisBackplane(Backplane):
         started once it is up.
         """
         deadline = trio.current_time() + self.connect_timeout
-        delay = self.reconnect_delay
+        retry = 0
         while True:
             try:
                 await _plain(self._session(link, deadline, task_status))
@@ -586,26 +594,38 @@ class RedisBackplane(Backplane):
                         f"{self.connect_timeout:g} s: {_describe(exc)}"
                     ) from exc
                 logger.debug("node %s: Redis not reachable yet: %s", link.node_id, _describe(exc))
-                await trio.sleep(min(delay, deadline - now))
-                delay = min(delay * 2, self.max_reconnect_delay)
+                retry += 1
+                await trio.sleep(min(self._reconnect_wait(retry), deadline - now))
             else:  # pragma: no cover - a session ends only by raising
                 return
 
     async def _stay_connected(self, link: _Link) -> None:
-        """Reconnect after each loss: reconnect_delay, doubling up to max_reconnect_delay."""
-        delay = self.reconnect_delay
+        """Reconnect after each loss, waiting :meth:`_reconnect_wait` before each attempt."""
+        retry = 0
         while True:
+            retry += 1
+            delay = self._reconnect_wait(retry)
             logger.info("node %s: reconnecting to Redis in %.2g s", link.node_id, delay)
             await trio.sleep(delay)
             try:
                 await _plain(self._session(link, trio.current_time() + self.connect_timeout))
             except Exception as exc:
-                if link.connected:  # it came up, then failed
+                if link.connected:  # it came up, then failed: the next wait is the first again
                     self._lost(link, exc)
-                    delay = self.reconnect_delay
+                    retry = 0
                 else:
                     logger.debug("node %s: reconnection failed: %s", link.node_id, _describe(exc))
-                    delay = min(delay * 2, self.max_reconnect_delay)
+
+    def _reconnect_wait(self, retry: int) -> float:
+        """The wait before attempt number ``retry`` (from 1) since Redis was lost.
+
+        ``reconnect_delay`` doubling up to ``max_reconnect_delay``, less the
+        jitter of a :class:`Backoff`. Its other rules do not apply: a backplane
+        never gives up once it has started, and the count restarts at every
+        connection that came up, however short.
+        """
+        backoff = Backoff(initial=self.reconnect_delay, max_delay=self.max_reconnect_delay)
+        return backoff.delay(retry, self._rng)
 
     def _lost(self, link: _Link, exc: BaseException) -> None:
         """The link went down: count it, log it, tell the application."""
