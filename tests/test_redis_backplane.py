@@ -41,7 +41,8 @@ from wsnursery import (
     WebSocketServer,
     serve_websocket,
 )
-from wsnursery._redis import as_backplane, decode_envelope, encode_envelope
+from wsnursery._backplane_envelope import decode_envelope, encode_envelope
+from wsnursery._redis import as_backplane
 
 HERE = Path(__file__).resolve().parent
 
