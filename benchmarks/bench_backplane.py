@@ -289,7 +289,7 @@ def publish_cost(redis_url: str, size: int, count: int) -> dict[str, Any]:
     import trio
 
     import wsnursery
-    from wsnursery._redis import encode_envelope
+    from wsnursery._backplane_envelope import encode_envelope
 
     payload = fanout_payload(0, size)
     envelope = wsnursery.Envelope("all", payload, None, frozenset(), "abcdef012345")

@@ -1,4 +1,4 @@
-"""The chat demo (``wsnursery._chat``) at the protocol level, over real TCP.
+"""The chat demo (``wsnursery._cli.chat``) at the protocol level, over real TCP.
 
 The clients are trio-websocket's (an independent implementation); each test
 runs its own server with a fresh :class:`ChatHandler` on 127.0.0.1 and a free
@@ -21,7 +21,7 @@ import trio_websocket
 
 from _helpers import HOST, read_response, read_to_eof, start_cli
 from wsnursery import WebSocketServer, serve_websocket
-from wsnursery._chat import PAGE, ChatHandler, _Refused
+from wsnursery._cli.chat import PAGE, ChatHandler, _Refused
 
 TIMEOUT = 5  # seconds: how long any one expected message may take
 

@@ -41,7 +41,7 @@ from _helpers import (
 
 TIME_LIMIT = 20.0  # seconds for any one command
 OP_CLOSE = 8
-ECHO_APP = "wsnursery._cli:echo_handler"  # an importable app for ``serve``
+ECHO_APP = "wsnursery._cli.echo:echo_handler"  # an importable app for ``serve``
 SERVERS = {
     "echo": ["echo"],
     "chat": ["chat"],
@@ -533,6 +533,7 @@ def test_a_keyboard_interrupt_inside_a_nursery_is_no_traceback(
 ) -> None:
     """Ctrl-C where no signal receiver is open comes out of trio.run in a group."""
     from wsnursery import _cli
+    from wsnursery._cli import echo
 
     async def interrupted(args: Any) -> int:
         async with trio.open_nursery() as nursery:
@@ -540,7 +541,7 @@ def test_a_keyboard_interrupt_inside_a_nursery_is_no_traceback(
             raise KeyboardInterrupt
         return 0  # pragma: no cover
 
-    monkeypatch.setattr(_cli, "_run_echo", interrupted)
+    monkeypatch.setattr(echo, "_run_echo", interrupted)
     with pytest.raises(SystemExit) as exit_info:
         _cli.main(["echo", "--port", "0"])
     assert exit_info.value.code == 130

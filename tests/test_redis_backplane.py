@@ -10,8 +10,10 @@ with its own ``RedisBackplane`` (so its own Redis connections).
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -28,6 +30,7 @@ import wsnursery
 from _helpers import HOST, assert_no_leftover_tasks, closed_port, count_tasks, wait_until
 from _redis import RedisProcess, running_redis, subscribers
 from wsnursery import (
+    Backoff,
     BackplaneError,
     BackplaneEvent,
     Broadcaster,
@@ -38,7 +41,8 @@ from wsnursery import (
     WebSocketServer,
     serve_websocket,
 )
-from wsnursery._redis import as_backplane, decode_envelope, encode_envelope
+from wsnursery._backplane_envelope import decode_envelope, encode_envelope
+from wsnursery._redis import as_backplane
 
 HERE = Path(__file__).resolve().parent
 
@@ -160,6 +164,53 @@ async def test_a_silent_redis_times_out_at_start() -> None:
                 )
             assert held, "it did connect, and got no answer"
             nursery.cancel_scope.cancel()
+
+
+async def test_every_reconnection_waits_as_a_backoff_with_jitter_says(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """At start and after each loss, the waits between attempts come from a Backoff.
+
+    No Redis here: each attempt (a session) is scripted to fail, or to come up
+    and then fail; the virtual clock records when each attempt was made.
+    """
+    backplane = RedisBackplane(
+        "redis://127.0.0.1:1/0", reconnect_delay=0.1, max_reconnect_delay=0.3
+    )
+    backplane._rng = random.Random(7).random
+    script = ["fail", "fail", "fail", "up", "fail", "fail", "fail", "up", "fail"]
+    attempts: list[float] = []
+
+    async def session(
+        link: Any, deadline: float, task_status: Any = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        attempts.append(trio.current_time())
+        if len(attempts) > len(script):
+            await trio.sleep_forever()
+        if script[len(attempts) - 1] == "up":
+            backplane._came_up(link)
+            task_status.started()
+        raise ConnectionError("scripted")
+
+    backplane._session = session  # type: ignore[method-assign]
+    events: list[str] = []
+    backplane.on_event = lambda event: events.append(event.kind)
+    async with Broadcaster() as broadcaster, trio.open_nursery() as nursery:
+        await nursery.start(functools.partial(backplane.serve, broadcaster))
+        await wait_until(lambda: len(attempts) > len(script), 60)
+        nursery.cancel_scope.cancel()
+
+    waits = [later - earlier for earlier, later in itertools.pairwise(attempts)]
+    # What a Backoff gives for the same rng: retries 1, 2, 3 at start; 1 to 4 after
+    # the first loss; 1, 2 after the second (a connection that came up starts again).
+    backoff = Backoff(initial=0.1, max_delay=0.3)
+    rng = random.Random(7).random
+    expected = [backoff.delay(retry, rng) for retry in (1, 2, 3, 1, 2, 3, 4, 1, 2)]
+    assert waits == pytest.approx(expected)
+    bases = [0.1, 0.2, 0.3, 0.1, 0.2, 0.3, 0.3, 0.1, 0.2]  # doubling up to the maximum
+    assert all(0.9 * base <= wait < base for wait, base in zip(waits, bases, strict=True))
+    assert len(set(waits)) == len(waits)  # jittered: no two alike
+    assert events == ["disconnected", "reconnected", "disconnected"]
 
 
 # -- in process: two servers, each with its own Redis connections --------------------------------

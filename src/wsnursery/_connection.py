@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 One *reader task* per connection reads the transport, feeds the sans-I/O
-:class:`~wsnursery._protocol.Protocol`, writes what it must answer at once
+:class:`~wsnursery._sansio.protocol.Protocol`, writes what it must answer at once
 (pongs, the close echo) and wakes whoever waits: ``get_message`` callers, ``ping``
 callers waiting for their pong, ``aclose`` waiting for the closing handshake.
 A *keep-alive task* pings every ``ping_interval``. Both live in a nursery the

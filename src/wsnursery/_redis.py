@@ -13,9 +13,10 @@ See ``docs/topics/scaling.rst`` for the pictures. In short:
   ``NS:group:<name>`` for each group with a member on this node, and only
   while it has one.
 * A send is delivered locally by the broadcaster, then :meth:`publish`
-  encodes it once (:func:`encode_envelope`, a compact binary form: never
-  pickle) and queues it for the publisher task, which sends what has queued
-  up as one command (an ``EVAL`` that publishes each message). Publishing
+  encodes it once (``encode_envelope`` of ``_backplane_envelope.py``, a
+  compact binary form: never pickle) and queues it for the publisher task,
+  which sends what has queued up as one command (an ``EVAL`` that publishes
+  each message). Publishing
   never waits for Redis: with Redis down, or the queue full, the message is
   dropped for the other nodes and counted.
 * The subscriber decodes each message once, skips its own, and calls
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import math
-import struct
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -41,7 +41,9 @@ from urllib.parse import urlsplit, urlunsplit
 import trio
 from trio.lowlevel import ParkingLot, cancel_shielded_checkpoint
 
+from ._backplane_envelope import decode_envelope, encode_envelope, origin_of
 from ._broadcast import Backplane, Broadcaster, Envelope
+from ._sansio.backoff import Backoff
 from ._sansio.exceptions import BackplaneError
 from ._util import collapse_exception_groups, exception_leaves
 
@@ -53,8 +55,6 @@ __all__ = [
     "RedisBackplane",
     "RedisBackplaneStats",
     "as_backplane",
-    "decode_envelope",
-    "encode_envelope",
 ]
 
 logger = logging.getLogger("wsnursery.redis")
@@ -70,108 +70,6 @@ def _import_coredis() -> Any:
     except ImportError as exc:
         raise ImportError(_INSTALL_HINT) from exc
     return coredis
-
-
-# -- the envelope on the wire ----------------------------------------------------------
-#
-#   0      version (1)
-#   1      flags: bits 0-1 kind (0 all, 1 group, 2 one), bit 2 binary payload
-#   2      origin length (u8), then the origin node ID (ASCII)
-#   .      target length (u32), then the target (UTF-8; empty for "all")
-#   .      exclude count (u32), then each ID as u16 length + UTF-8
-#   .      the payload: the rest (UTF-8 text, or the bytes as they are)
-
-_VERSION = 1
-_KINDS: tuple[Literal["all", "group", "one"], ...] = ("all", "group", "one")
-_KIND_CODES = {"all": 0, "group": 1, "one": 2}
-_BINARY = 4
-_HEAD = struct.Struct("!BBB")
-_U32 = struct.Struct("!I")
-_U16 = struct.Struct("!H")
-
-
-def encode_envelope(envelope: Envelope) -> bytes:
-    """The compact binary form of ``envelope`` that travels through Redis.
-
-    Raises:
-        ValueError: an origin longer than 255 bytes, or an excluded ID longer
-            than 65535 bytes.
-    """
-    message = envelope.message
-    if isinstance(message, str):
-        flags = _KIND_CODES[envelope.kind]
-        payload = message.encode("utf-8")
-    else:
-        flags = _KIND_CODES[envelope.kind] | _BINARY
-        payload = message
-    origin = envelope.origin.encode("ascii")
-    if len(origin) > 255:
-        raise ValueError("an origin node ID is at most 255 bytes")
-    target = (envelope.target or "").encode("utf-8")
-    parts = [_HEAD.pack(_VERSION, flags, len(origin)), origin, _U32.pack(len(target)), target]
-    parts.append(_U32.pack(len(envelope.exclude)))
-    for conn_id in envelope.exclude:
-        raw = conn_id.encode("utf-8")
-        if len(raw) > 0xFFFF:
-            raise ValueError("an excluded connection ID is at most 65535 bytes")
-        parts.append(_U16.pack(len(raw)))
-        parts.append(raw)
-    parts.append(payload)
-    return b"".join(parts)
-
-
-def _origin_of(data: bytes) -> bytes:
-    """The origin node ID of an encoded envelope (checked cheaply, before decoding)."""
-    if len(data) < 3:
-        raise ValueError("truncated envelope")
-    end = 3 + data[2]
-    if len(data) < end:
-        raise ValueError("truncated envelope")
-    return data[3:end]
-
-
-def decode_envelope(data: bytes) -> Envelope:
-    """Read an envelope made by :func:`encode_envelope`.
-
-    Raises:
-        ValueError: ``data`` is not a well-formed envelope of a known version.
-    """
-    try:
-        version, flags, origin_len = _HEAD.unpack_from(data, 0)
-        if version != _VERSION:
-            raise ValueError(f"unknown envelope version {version}")
-        kind_code = flags & 3
-        if kind_code > 2 or flags & ~7:
-            raise ValueError(f"bad envelope flags {flags:#x}")
-        pos = 3
-        origin = data[pos : pos + origin_len].decode("ascii")
-        pos += origin_len
-        (target_len,) = _U32.unpack_from(data, pos)
-        pos += 4
-        target_raw = data[pos : pos + target_len]
-        if len(target_raw) != target_len:
-            raise ValueError("truncated envelope")
-        pos += target_len
-        (count,) = _U32.unpack_from(data, pos)
-        pos += 4
-        if count > len(data) - pos:  # each ID takes at least 2 bytes: a cheap bound
-            raise ValueError("truncated envelope")
-        exclude = []
-        for _ in range(count):
-            (n,) = _U16.unpack_from(data, pos)
-            pos += 2
-            raw = data[pos : pos + n]
-            if len(raw) != n:
-                raise ValueError("truncated envelope")
-            exclude.append(raw.decode("utf-8"))
-            pos += n
-        body = data[pos:]
-        message: str | bytes = body if flags & _BINARY else body.decode("utf-8")
-        kind = _KINDS[kind_code]
-        target = target_raw.decode("utf-8") if kind != "all" else None
-    except (struct.error, UnicodeDecodeError) as exc:
-        raise ValueError(f"malformed envelope: {exc}") from None
-    return Envelope(kind, message, target, frozenset(exclude), origin)
 
 
 # -- events and statistics --------------------------------------------------------------
@@ -273,9 +171,12 @@ class RedisBackplane(Backplane):
     Delivery to other nodes is **at most once**: while Redis is unreachable
     each node keeps serving its own clients, drops (and counts) what it would
     have published, reconnects with backoff (``reconnect_delay`` doubling up to
-    ``max_reconnect_delay``) and reports the outage as :class:`BackplaneEvent`
-    objects, through ``on_event`` and :meth:`events`. Redis not reachable at
-    start is an error (:exc:`BackplaneError`) after ``connect_timeout``.
+    ``max_reconnect_delay``, each wait up to 10 % shorter at random, the jitter
+    of a :class:`Backoff`, so that the nodes that lost one Redis do not all
+    come back at the same instant) and reports the outage as
+    :class:`BackplaneEvent` objects, through ``on_event`` and :meth:`events`.
+    Redis not reachable at start is an error (:exc:`BackplaneError`) after
+    ``connect_timeout``.
 
     Needs the ``redis`` extra (``pip install wsnursery[redis]``, which
     installs coredis).
@@ -287,7 +188,8 @@ class RedisBackplane(Backplane):
             can share one Redis.
         connect_timeout: Seconds to connect and subscribe, at start (an error
             after it) and at each reconnection attempt.
-        reconnect_delay: Seconds before the first reconnection attempt.
+        reconnect_delay: Seconds before the first reconnection attempt (less
+            its jitter).
         max_reconnect_delay: The most the delay grows to, doubling each time.
         max_pending_messages: Messages queued for the publisher at most;
             beyond it (Redis slower than the senders) messages are dropped.
@@ -362,6 +264,9 @@ class RedisBackplane(Backplane):
         self.health_check_interval = health_check_interval
         self.command_timeout = command_timeout
         self.on_event = on_event
+        # Where the jitter of the reconnection waits comes from (random.random
+        # when None); a test fixes it to know the waits.
+        self._rng: Callable[[], float] | None = None
         self._prefix = namespace.encode("utf-8") + b":"
         self._all_channel = self._prefix + b"all"
         self._links: dict[str, _Link] = {}
@@ -571,7 +476,7 @@ class RedisBackplane(Backplane):
         started once it is up.
         """
         deadline = trio.current_time() + self.connect_timeout
-        delay = self.reconnect_delay
+        retry = 0
         while True:
             try:
                 await _plain(self._session(link, deadline, task_status))
@@ -586,26 +491,38 @@ class RedisBackplane(Backplane):
                         f"{self.connect_timeout:g} s: {_describe(exc)}"
                     ) from exc
                 logger.debug("node %s: Redis not reachable yet: %s", link.node_id, _describe(exc))
-                await trio.sleep(min(delay, deadline - now))
-                delay = min(delay * 2, self.max_reconnect_delay)
+                retry += 1
+                await trio.sleep(min(self._reconnect_wait(retry), deadline - now))
             else:  # pragma: no cover - a session ends only by raising
                 return
 
     async def _stay_connected(self, link: _Link) -> None:
-        """Reconnect after each loss: reconnect_delay, doubling up to max_reconnect_delay."""
-        delay = self.reconnect_delay
+        """Reconnect after each loss, waiting :meth:`_reconnect_wait` before each attempt."""
+        retry = 0
         while True:
+            retry += 1
+            delay = self._reconnect_wait(retry)
             logger.info("node %s: reconnecting to Redis in %.2g s", link.node_id, delay)
             await trio.sleep(delay)
             try:
                 await _plain(self._session(link, trio.current_time() + self.connect_timeout))
             except Exception as exc:
-                if link.connected:  # it came up, then failed
+                if link.connected:  # it came up, then failed: the next wait is the first again
                     self._lost(link, exc)
-                    delay = self.reconnect_delay
+                    retry = 0
                 else:
                     logger.debug("node %s: reconnection failed: %s", link.node_id, _describe(exc))
-                    delay = min(delay * 2, self.max_reconnect_delay)
+
+    def _reconnect_wait(self, retry: int) -> float:
+        """The wait before attempt number ``retry`` (from 1) since Redis was lost.
+
+        ``reconnect_delay`` doubling up to ``max_reconnect_delay``, less the
+        jitter of a :class:`Backoff`. Its other rules do not apply: a backplane
+        never gives up once it has started, and the count restarts at every
+        connection that came up, however short.
+        """
+        backoff = Backoff(initial=self.reconnect_delay, max_delay=self.max_reconnect_delay)
+        return backoff.delay(retry, self._rng)
 
     def _lost(self, link: _Link, exc: BaseException) -> None:
         """The link went down: count it, log it, tell the application."""
@@ -719,7 +636,7 @@ class RedisBackplane(Backplane):
                 continue
             data = message["data"]
             try:
-                if _origin_of(data) == node:
+                if origin_of(data) == node:
                     continue  # our own: delivered locally before it was published
                 envelope = decode_envelope(data)
             except (ValueError, TypeError) as exc:

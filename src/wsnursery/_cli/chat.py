@@ -66,16 +66,17 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ._handler import WebSocketHandler
+from .._handler import WebSocketHandler
+from . import add_server_options, int_at_least, serve_until_signal, url_host
 
 if TYPE_CHECKING:
-    from ._broadcast import Broadcaster
-    from ._connection import WebSocketConnection
-    from ._sansio.exceptions import CloseReason
+    from .._broadcast import Broadcaster
+    from .._connection import WebSocketConnection
+    from .._sansio.exceptions import CloseReason
 
 __all__ = ["ChatHandler", "add_command"]
 
-PAGE = Path(__file__).with_name("static") / "chat.html"
+PAGE = Path(__file__).parent.parent / "static" / "chat.html"
 
 _ROOM = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _NICK = re.compile(r"[^\W_][\w .'-]*")
@@ -470,8 +471,6 @@ class ChatHandler(WebSocketHandler):
 
 
 async def _run_chat(args: argparse.Namespace) -> int:
-    from ._cli import serve_until_signal, url_host
-
     handler = ChatHandler(history=args.history)
     return await serve_until_signal(
         "chat",
@@ -487,8 +486,6 @@ async def _run_chat(args: argparse.Namespace) -> int:
 
 def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``chat`` to the command line's subcommands."""
-    from ._cli import add_server_options, int_at_least
-
     chat = commands.add_parser(
         "chat",
         help="run the chat demo (open http://HOST:PORT/ in a browser)",

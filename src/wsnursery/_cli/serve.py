@@ -32,7 +32,10 @@ from typing import Any, NoReturn
 
 import trio
 
-from ._cli import (
+from .._sansio.exceptions import BackplaneError
+from .._handler import build_router
+from .._server import HandlerSpec, WebSocketServer
+from . import (
     EXIT_FAILURE,
     EXIT_USAGE,
     add_server_options,
@@ -42,9 +45,6 @@ from ._cli import (
     stop_gracefully,
     url_host,
 )
-from ._handler import build_router
-from ._sansio.exceptions import BackplaneError
-from ._server import HandlerSpec, WebSocketServer
 
 __all__ = ["add_command", "load_app"]
 
@@ -178,7 +178,7 @@ def _run(args: argparse.Namespace) -> None:
     except (TypeError, ValueError) as exc:
         _fail(f"cannot serve {args.app}: {exc}", EXIT_USAGE)
     if args.redis:
-        from ._redis import RedisBackplane
+        from .._redis import RedisBackplane
 
         try:
             RedisBackplane(args.redis, namespace=args.redis_namespace)  # check the URL now
@@ -293,7 +293,7 @@ async def _serve(handler: HandlerSpec, args: argparse.Namespace) -> int:
             return EXIT_FAILURE
         backplane: Any = None
         if args.redis:
-            from ._redis import RedisBackplane
+            from .._redis import RedisBackplane
 
             backplane = RedisBackplane(
                 args.redis,

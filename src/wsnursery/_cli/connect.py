@@ -30,9 +30,8 @@ from typing import Any
 
 import trio
 
-from ._cli import EXIT_FAILURE, EXIT_USAGE, error, limit, os_error_text, positive_int
-from ._client import _parse_url, control_observer
-from ._reconnect import (
+from .._client import _parse_url, control_observer
+from .._reconnect import (
     Backoff,
     ClientEvent,
     CloseEvent,
@@ -42,9 +41,10 @@ from ._reconnect import (
     ReconnectingWebSocket,
     open_reconnecting_websocket,
 )
-from ._sansio.exceptions import CloseReason, ConnectionClosed, HandshakeError, TransportError
-from ._sansio.headers import check_client_request
-from ._tls import NONE, SYSTEM, StrPath, TrustStore
+from .._sansio.exceptions import CloseReason, ConnectionClosed, HandshakeError, TransportError
+from .._sansio.headers import check_client_request
+from .._tls import NONE, SYSTEM, StrPath, TrustStore
+from . import EXIT_FAILURE, EXIT_USAGE, error, limit, os_error_text, positive_int
 
 __all__ = ["add_command"]
 

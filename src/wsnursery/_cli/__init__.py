@@ -16,28 +16,9 @@ import trio
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 
-from ._connection import WebSocketConnection
-from ._handler import WebSocketHandler
-from ._server import HandlerSpec, WebSocketRequest, WebSocketServer
+from .._server import HandlerSpec, WebSocketServer
 
 __all__ = ["main"]
-
-
-async def echo_handler(request: WebSocketRequest) -> None:
-    """Accept, then send every message back as it came (text as text)."""
-    conn = await request.accept()
-    async for message in conn:
-        await conn.send_message(message)
-
-
-class EchoHandler(WebSocketHandler):
-    """The same echo as a handler object: its hooks run in the connection's task."""
-
-    async def on_text(self, conn: WebSocketConnection, text: str) -> None:
-        await conn.send_message(text)
-
-    async def on_binary(self, conn: WebSocketConnection, data: bytes) -> None:
-        await conn.send_message(data)
 
 
 # -- shared by every command ------------------------------------------------------------
@@ -256,51 +237,17 @@ async def serve_until_signal(
     return status
 
 
-async def _run_echo(args: argparse.Namespace) -> int:
-    return await serve_until_signal(
-        "echo",
-        EchoHandler() if args.api == "handler" else echo_handler,
-        args,
-        lambda server: (
-            f"wsnursery echo server on ws://{url_host(args.host)}:{server.port}/ (Ctrl-C to stop)"
-        ),
-        max_message_size=args.max_message_size,
-        compression=not args.no_compression,
-    )
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wsnursery", description=__doc__)
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     commands = parser.add_subparsers(dest="command", required=True)
-    echo = commands.add_parser(
-        "echo",
-        help="run an echo server",
-        description="An echo server: every message comes back as it came (text as text). "
-        "Ctrl-C stops it gracefully (1001 to every client); a second Ctrl-C at once.",
-    )
-    add_server_options(echo, max_message_size=16 * 2**20)
-    echo.add_argument(
-        "--no-compression", action="store_true", help="do not accept permessage-deflate"
-    )
-    echo.add_argument(
-        "--api",
-        choices=("handler", "function"),
-        default="handler",
-        help="serve with a WebSocketHandler (default) or an async handler function",
-    )
-    echo.set_defaults(run=lambda args: trio.run(_run_echo, args))
-    # Other commands live in their own modules; each adds its parser and sets
+    # Each command lives in its own module, imported only when the parser is
+    # built (they import this package's helpers); each adds its parser and sets
     # ``run`` (a plain function taking the parsed arguments).
-    from ._chat import add_command as add_chat
+    from . import chat, connect, echo, serve
 
-    add_chat(commands)
-    from ._connect_cli import add_command as add_connect
-
-    add_connect(commands)
-    from ._serve_cli import add_command as add_serve
-
-    add_serve(commands)
+    for command in (echo, chat, connect, serve):
+        command.add_command(commands)
     return parser
 
 
