@@ -17,7 +17,6 @@ relies on still exist, and that pyproject.toml bounds wsproto's version.
 from __future__ import annotations
 
 import ast
-import importlib
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,13 +38,13 @@ LAYERS: list[set[str]] = [
     {"_broadcast"},
     # The backplanes implement the Backplane ABC that _broadcast defines, so they
     # sit above it (the guide draws them below; an arrow up would be needed).
-    {"_backplane", "_redis"},
+    {"_backplane", "_backplane_envelope", "_redis"},
     {"_dispatch"},
     {"_handler", "_auth"},
     {"_request"},
     {"_server"},
     {"testing"},
-    {"_cli", "_chat", "_connect_cli", "_serve_cli", "__main__"},
+    {"_cli", "__main__"},
     {"__init__"},  # the public face re-exports every layer
 ]
 
@@ -60,15 +59,6 @@ UPWARD_ALLOWED: set[tuple[str, str]] = {
     # _handler names WebSocketRequest (today in _server) in annotations
     # (TYPE_CHECKING); _request.py moves it below _handler.
     ("_handler", "_server"),
-}
-
-#: Import cycles among wsnursery's modules at run time (TYPE_CHECKING imports
-#: left out; imports inside functions counted), each as its sorted members.
-CYCLES_ALLOWED: set[tuple[str, ...]] = {
-    # The CLI's entry point loads its subcommands lazily (inside a function),
-    # and they borrow the entry point's helpers (_chat also lazily): _cli/ as a
-    # package, with the helpers in a module of their own, untangles it.
-    ("wsnursery._chat", "wsnursery._cli", "wsnursery._connect_cli", "wsnursery._serve_cli"),
 }
 
 #: What a module under _sansio/ may import besides the standard library (and
@@ -268,19 +258,10 @@ def test_cycle_finder_finds_a_cycle() -> None:
 
 
 def test_no_import_cycle_at_run_time() -> None:
+    """No cycle among wsnursery's modules (TYPE_CHECKING imports left out; imports
+    inside functions counted)."""
     cycles = _cycles(_runtime_edges())
-    unexpected = cycles - CYCLES_ALLOWED
-    assert not unexpected, f"import cycles among wsnursery's modules: {sorted(unexpected)}"
-    gone = CYCLES_ALLOWED - cycles
-    assert not gone, f"these cycles are gone: remove them from CYCLES_ALLOWED: {gone}"
-
-
-@pytest.mark.parametrize("cycle", sorted(CYCLES_ALLOWED))
-def test_allowed_cycles_go_through_a_lazy_import(cycle: tuple[str, ...]) -> None:
-    # An allowed cycle must not break importing: each module imports alone.
-
-    for module in cycle:
-        importlib.import_module(module)
+    assert not cycles, f"import cycles among wsnursery's modules: {sorted(cycles)}"
 
 
 # -- the private wsproto names _sansio/deflate.py relies on ------------------------------

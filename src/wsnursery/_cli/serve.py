@@ -32,8 +32,8 @@ from typing import Any, NoReturn
 
 import trio
 
-from .._sansio.exceptions import BackplaneError
 from .._handler import build_router
+from .._sansio.exceptions import BackplaneError
 from .._server import HandlerSpec, WebSocketServer
 from . import (
     EXIT_FAILURE,
