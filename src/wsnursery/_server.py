@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import logging
 import math
 import mimetypes
@@ -94,20 +95,20 @@ class WebSocketRequest(LazyAddresses):
 
     def __init__(
         self,
-        server: WebSocketServer,
         stream: trio.abc.Stream,
         handshake: ServerHandshake,
-        nursery: trio.Nursery,
-        transport: _Transport,
         path_params: dict[str, str],
+        admit: Admit,
+        send_http: Callable[[trio.abc.Stream, bytes], Awaitable[None]],
     ) -> None:
         head = handshake.head
         assert head is not None
-        self._server = server
         self._stream = stream
         self._handshake = handshake
-        self._nursery = nursery  # the connection's; open_timeout cancels it (see _opening)
-        self._transport = transport
+        # The server's side of the answers: admit makes, registers and starts
+        # the connection (see WebSocketServer._admit); send_http writes a refusal.
+        self._admit = admit
+        self._send_http = send_http
         self._head: RequestHead = head
         self.method = head.method
         self.target = head.target
@@ -120,7 +121,6 @@ class WebSocketRequest(LazyAddresses):
         self._answered = False
         self.path_params = path_params
         self.user: Any = None
-        self._dispatch = False
 
     @property
     def url_path(self) -> str:
@@ -182,57 +182,12 @@ class WebSocketRequest(LazyAddresses):
         """
         if self._answered:
             raise RuntimeError("this request was already answered")
-        server = self._server
-        if server._stopping:
-            await self.reject(503, body="server shutting down")
-            raise ConnectionClosed.for_reason(_going_away())
         self._answered = True
-        extensions = (
-            [BoundedPerMessageDeflate(max_message_size=server.max_message_size)]
-            if server.compression
-            else []
-        )
-        response, enabled = self._handshake.accept(
-            subprotocol=subprotocol, extensions=extensions, extra_headers=extra_headers
-        )
-        conn = WebSocketConnection(
-            self._stream,
-            Protocol(client=False, extensions=enabled, max_message_size=server.max_message_size),
-            path=self.path,
-            query=self.query,
-            request_headers=self.headers,
-            response_headers=Headers(),
-            subprotocol=subprotocol,
-            trailing_data=self._handshake.trailing_data,
-            max_queue=server.max_queue,
-            ping_interval=server.ping_interval,
-            ping_timeout=server.ping_timeout,
-            close_timeout=server.close_timeout,
-            local=self._addresses[0] if self._addresses else None,
-            remote=self._addresses[1] if self._addresses else None,
-            transport=self._transport,
-            user=self.user,
-            server=server,
-        )
-        try:
-            await conn._write(response)
-        except ConnectionClosed as exc:
-            raise ConnectionClosed.for_reason(_lost()) from exc.__cause__
-        scope = self._nursery.cancel_scope
-        server._opening.pop(scope, None)  # open_timeout no longer applies
-        if server._nursery is None:
-            scope.deadline = math.inf  # served without run(): see _handle_stream
+        conn = await self._admit(self, subprotocol, extra_headers, self._addresses)
+        if conn is None:  # the server is stopping: nothing was written yet
+            await self._refuse(503, (), "server shutting down")
+            raise ConnectionClosed.for_reason(_going_away())
         self.connection = conn
-        if self._dispatch:
-            conn._nursery = self._nursery  # the client's task reads: see _dispatch
-        else:
-            conn._start(self._nursery, keepalive_task=False)  # the server pings from one task
-        if server._id_prefix:
-            # Unique across every node sharing the backplane, and names the node.
-            conn.id = server._id_prefix + conn.id
-        server._connections[conn.id] = conn
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("accepted %s from %s", self.url_path, self.remote)
         return conn
 
     async def reject(
@@ -255,10 +210,23 @@ class WebSocketRequest(LazyAddresses):
         if self._answered:
             raise RuntimeError("this request was already answered")
         self._answered = True
+        await self._refuse(status, headers, body)
+
+    async def _refuse(self, status: int, headers: HeaderPairs, body: bytes | str) -> None:
         logger.info("rejected %s from %s with %d", self.url_path, self.remote, status)
-        await self._server._send_http(
+        await self._send_http(
             self._stream, self._handshake.reject(status, headers=headers, body=body)
         )
+
+
+#: What a request calls to be accepted: ``admit(request, subprotocol,
+#: extra_headers, addresses)`` returns the open connection, or None when the
+#: server is stopping (the request then answers 503 itself). Made by the server
+#: for each request, bound to that request's handshake, nursery and mode.
+Admit: TypeAlias = Callable[
+    ["WebSocketRequest", "str | None", HeaderPairs, "tuple[Any, Any] | None"],
+    Awaitable["WebSocketConnection | None"],
+]
 
 
 def _going_away() -> CloseReason:
@@ -410,6 +378,7 @@ class WebSocketServer:
         )
         self.broadcaster._bind(self._connections)
         self._id_prefix = "" if backplane is None else self.broadcaster.node_id + "-"
+        self._prefixed_ids = itertools.count(1)  # the <n> of "<node_id>-<n>"
         # Connection nurseries still in the opening handshake, with their
         # open_timeout deadlines, oldest first: _expire_handshakes cancels them
         # when due (408), a stop cancels them all (503).
@@ -669,9 +638,18 @@ class WebSocketServer:
                     else:
                         if plain is None:
                             assert route is not None
-                            request = WebSocketRequest(
-                                self, stream, handshake, nursery, transport, params
+                            admit = functools.partial(
+                                self._admit,
+                                stream,
+                                handshake,
+                                transport,
+                                nursery,
+                                route.kind != "function",
                             )
+                            request = WebSocketRequest(
+                                stream, handshake, params, admit, self._send_http
+                            )
+                            del admit
                             accepted = None
                             try:
                                 try:
@@ -780,11 +758,89 @@ class WebSocketServer:
             return None
         if decision is None:
             decision = Accept()
-        request._dispatch = True
         conn = await request.accept(
             subprotocol=decision.subprotocol, extra_headers=decision.headers
         )
         return conn, handler
+
+    async def _admit(
+        self,
+        stream: trio.abc.Stream,
+        handshake: ServerHandshake,
+        transport: _Transport,
+        nursery: trio.Nursery,
+        dispatch: bool,
+        request: WebSocketRequest,
+        subprotocol: str | None,
+        extra_headers: HeaderPairs,
+        addresses: tuple[Any, Any] | None,
+    ) -> WebSocketConnection | None:
+        """Accept ``request``: write the 101, make the connection, register and start it.
+
+        The first five arguments are bound per request by ``_handle_stream``
+        (``dispatch``: a handler object's hooks will read in the client's own
+        task); the request calls the rest (see :data:`Admit`).
+
+        Returns:
+            The open connection, or None, at once, when the server is stopping.
+
+        Raises:
+            ConnectionClosed: the client went away during the handshake.
+            ValueError: ``subprotocol`` was not proposed by the client.
+        """
+        if self._stopping:
+            return None
+        extensions = (
+            [BoundedPerMessageDeflate(max_message_size=self.max_message_size)]
+            if self.compression
+            else []
+        )
+        response, enabled = handshake.accept(
+            subprotocol=subprotocol, extensions=extensions, extra_headers=extra_headers
+        )
+        try:
+            # Nothing else writes yet: straight to the transport, as the
+            # connection's own fast path would.
+            sent = transport.try_send(response)
+            if sent != len(response):
+                await transport.send(memoryview(response)[sent:])
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            with trio.CancelScope(shield=True):
+                await transport.close()
+            raise ConnectionClosed.for_reason(_lost()) from exc
+        conn = WebSocketConnection(
+            stream,
+            Protocol(client=False, extensions=enabled, max_message_size=self.max_message_size),
+            path=request.path,
+            query=request.query,
+            request_headers=request.headers,
+            response_headers=Headers(),
+            subprotocol=subprotocol,
+            trailing_data=handshake.trailing_data,
+            max_queue=self.max_queue,
+            ping_interval=self.ping_interval,
+            ping_timeout=self.ping_timeout,
+            close_timeout=self.close_timeout,
+            local=addresses[0] if addresses else None,
+            remote=addresses[1] if addresses else None,
+            transport=transport,
+            user=request.user,
+            server=self,
+            # Unique across every node sharing the backplane, and names the node.
+            conn_id=f"{self._id_prefix}{next(self._prefixed_ids):x}" if self._id_prefix else None,
+        )
+        scope = nursery.cancel_scope
+        self._opening.pop(scope, None)  # open_timeout no longer applies
+        if self._nursery is None:
+            scope.deadline = math.inf  # served without run(): see _handle_stream
+        if dispatch:
+            conn._nursery = nursery  # the client's task reads: see _dispatch
+        else:
+            conn._start(nursery, keepalive_task=False)  # the server pings from one task
+        self._connections[conn.id] = conn
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("accepted %s from %s", request.url_path, request.remote)
+        return conn
 
     def _check_origin(self, origin: str | None) -> None:
         """403 for an Origin outside ``allowed_origins`` (cross-site WebSocket hijacking)."""
