@@ -15,6 +15,7 @@ The nursery tree (see ``docs/topics/design.rst``)::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import itertools
@@ -235,6 +236,33 @@ def _going_away() -> CloseReason:
 
 def _lost() -> CloseReason:
     return CloseReason(CloseCode.ABNORMAL_CLOSURE, "client went away during the handshake")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _HTTPAnswer:
+    """The opening phase's result when HTTP answers: this response, sent after the nursery."""
+
+    response: bytes
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Upgrade:
+    """The opening phase's result for a WebSocket upgrade: the request, for its route's handler."""
+
+    route: Route
+    request: WebSocketRequest
+
+
+#: What the opening phase (``WebSocketServer._open``) returns.
+_Opened: TypeAlias = "_HTTPAnswer | _Upgrade"
+#: A handler object's connection was served: nothing is left to answer.
+_NOTHING_LEFT = _HTTPAnswer(b"")
+
+
+def _bad_request(handshake: ServerHandshake, error: HTTPError) -> bytes:
+    """The HTTP response for ``error`` (logged: a bad request, a timeout, a refusal)."""
+    logger.info("bad request: %s", error)
+    return handshake.reject(error.status, headers=error.headers, body=error.message + "\n")
 
 
 class ConnectionRegistry(Mapping[str, WebSocketConnection]):
@@ -563,12 +591,15 @@ class WebSocketServer:
             nursery.start_soon(self._handle_stream, stream)
 
     async def _handle_stream(self, stream: trio.abc.Stream) -> None:
-        """Serve one client: the request head, the handler, the connection's life.
+        """Serve one client: the opening phase, then the handler, then any answer left.
 
         One task and the connection nursery, which ``_expire_handshakes``
-        cancels at the ``open_timeout`` unless the handler accepted first.
-        Kept as one function on purpose: every idle connection holds this
-        task's stack, so each frame less is memory saved per connection.
+        cancels at the ``open_timeout`` unless the handler accepted first. The
+        opening phase (``_open``) returns what it found; the handler runs here
+        (``_serve_request``, and a handler object's hooks); what nobody
+        answered gets its HTTP answer after the nursery. Every idle connection
+        holds this frame: it keeps few locals, and drops the request before a
+        handler object's hooks run.
         """
         transport = _make_transport(stream)
         handshake = ServerHandshake(
@@ -576,23 +607,21 @@ class WebSocketServer:
             max_header_line=self.max_header_line,
             max_headers=self.max_headers,
         )
-        error: HTTPError | None = None
-        request: WebSocketRequest | None = None
-        plain: bytes | None = None
-        params: dict[str, str] = {}
         deadline = trio.current_time() + _timeout(self.open_timeout)
+        # What the opening phase found; None while it runs (so None after the
+        # nursery means it was cancelled: open_timeout or a shutdown).
+        opened: _Opened | None = None
         opening_scope: trio.CancelScope | None = None
-        served = False
         try:
             # Errors from inside the nursery come wrapped in a group: unwrap the
             # single one so the transport errors below match.
             with collapse_exception_groups():
                 async with trio.open_nursery() as nursery:
-                    opening_scope = nursery.cancel_scope
                     # The nursery's own scope is the open_timeout (TLS, head, the
                     # handler's decision): _expire_handshakes cancels it when due,
-                    # accept() takes it off. No extra cancel scope stays alive
-                    # for the connection's lifetime.
+                    # _admit takes it off. No extra cancel scope stays alive for
+                    # the connection's lifetime.
+                    opening_scope = nursery.cancel_scope
                     self._opening[opening_scope] = deadline
                     if self._nursery is None:
                         # Served without run() (wsnursery.testing): no expirer
@@ -601,118 +630,21 @@ class WebSocketServer:
                     elif self._opening_added is not None:
                         self._opening_added.set()
                         self._opening_added = None
-                    route: Route | None = None
-                    try:
-                        while handshake.receive_data(await transport.receive()) is None:
-                            pass
-                        head = handshake.head
-                        assert head is not None
-                        found = self._router.match(head.url_path)
-                        if found is None:
-                            raise HTTPError(404, f"nothing is served at {head.url_path}")
-                        route, params = found
-                        if route.kind == "http" or not head.is_upgrade:
-                            try:
-                                plain = await self._plain_http(route, params, handshake)
-                            except HTTPError:
-                                raise
-                            except Exception:
-                                # The application's error (an endpoint, an
-                                # unreadable default page), not the client's.
-                                logger.exception(
-                                    "HTTP route failed on %s %s", head.method, head.url_path
-                                )
-                                raise HTTPError(500, "internal server error") from None
-                        else:
-                            handshake.check_upgrade()
-                            self._check_origin(head.headers.get("origin"))
-                            if self._stopping:
-                                raise HTTPError(503, "server shutting down")
-                            if (
-                                self.max_connections is not None
-                                and len(self._connections) >= self.max_connections
-                            ):
-                                raise HTTPError(503, "too many connections", [("Retry-After", "1")])
-                    except HTTPError as exc:
-                        error = exc
-                    else:
-                        if plain is None:
-                            assert route is not None
-                            admit = functools.partial(
-                                self._admit,
-                                stream,
-                                handshake,
-                                transport,
-                                nursery,
-                                route.kind != "function",
-                            )
-                            request = WebSocketRequest(
-                                stream, handshake, params, admit, self._send_http
-                            )
-                            del admit
+                    opened = await self._open(stream, handshake, transport, nursery)
+                    if isinstance(opened, _Upgrade):
+                        accepted = await self._serve_request(opened.route, opened.request)
+                        if accepted is not None:
+                            # A handler object's hooks run here, without the
+                            # request: every idle connection holds this frame.
+                            conn, handler = accepted
                             accepted = None
+                            opened = _NOTHING_LEFT
                             try:
-                                try:
-                                    accepted = await self._serve_request(route, request)
-                                except ConnectionClosed:
-                                    pass  # the connection ended under the handler: not an error
-                                except Exception:
-                                    await self._handler_failed(request)
-                                if accepted is None and request.connection is not None:
-                                    if self._stopping:
-                                        await request.connection.aclose(
-                                            CloseCode.GOING_AWAY, "server shutting down"
-                                        )
-                                    else:
-                                        await request.connection.aclose()
+                                await conn._dispatch(handler)
                             finally:
-                                # On every path, cancellation by a shutdown included:
-                                # a handler function's connection leaves the registry.
-                                if accepted is None and request.connection is not None:
-                                    self._connections.pop(request.connection.id, None)
-                            if accepted is not None:
-                                # A handler object's hooks run here, not inside
-                                # _serve_request, and without the request: every
-                                # idle connection holds this frame, so it keeps
-                                # only what the connection needs.
-                                conn, handler = accepted
-                                accepted = request = None
-                                served = True
-                                try:
-                                    await conn._dispatch(handler)
-                                finally:
-                                    self._connections.pop(conn.id, None)
+                                self._connections.pop(conn.id, None)
                     nursery.cancel_scope.cancel()
-                # Whatever the opening phase did not answer gets its answer now.
-                if served:
-                    pass
-                elif plain is not None:
-                    await self._send_http(stream, plain)
-                elif request is None:
-                    if error is None:  # cancelled: by open_timeout, or by a shutdown
-                        error = (
-                            HTTPError(503, "server shutting down")
-                            if self._stopping
-                            else HTTPError(408, "request timeout")
-                        )
-                    logger.info("bad request: %s", error)
-                    await self._send_http(
-                        stream,
-                        handshake.reject(
-                            error.status, headers=error.headers, body=error.message + "\n"
-                        ),
-                    )
-                elif request.connection is None and not request._answered:
-                    if self._stopping:
-                        await request.reject(503, body="server shutting down\n")
-                    elif trio.current_time() >= deadline:
-                        logger.info(
-                            "handler did not answer %s within open_timeout", request.url_path
-                        )
-                        await request.reject(503, body="handshake timeout\n")
-                    else:
-                        logger.error("handler returned without accepting or rejecting %s", request)
-                        await request.reject(500, body="internal server error\n")
+            await self._answer_leftover(stream, handshake, opened, deadline)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError) as exc:
             logger.debug("transport failed during the handshake: %r", exc)
         except Exception:  # pragma: no cover - everything expected is handled above
@@ -725,15 +657,121 @@ class WebSocketServer:
             if not self._handling:
                 self._idle.set()
 
+    async def _open(
+        self,
+        stream: trio.abc.Stream,
+        handshake: ServerHandshake,
+        transport: _Transport,
+        nursery: trio.Nursery,
+    ) -> _Opened:
+        """The opening phase: read the request head, route it, check it.
+
+        Returns:
+            The HTTP response to send (a plain HTTP route, a default page, an
+            error), or a WebSocket request for its route's handler.
+        """
+        try:
+            while handshake.receive_data(await transport.receive()) is None:
+                pass
+            head = handshake.head
+            assert head is not None
+            found = self._router.match(head.url_path)
+            if found is None:
+                raise HTTPError(404, f"nothing is served at {head.url_path}")
+            route, params = found
+            if route.kind == "http" or not head.is_upgrade:
+                try:
+                    return _HTTPAnswer(await self._plain_http(route, params, handshake))
+                except HTTPError:
+                    raise
+                except Exception:
+                    # The application's error (an endpoint, an unreadable
+                    # default page), not the client's.
+                    logger.exception("HTTP route failed on %s %s", head.method, head.url_path)
+                    raise HTTPError(500, "internal server error") from None
+            handshake.check_upgrade()
+            self._check_origin(head.headers.get("origin"))
+            if self._stopping:
+                raise HTTPError(503, "server shutting down")
+            if self.max_connections is not None and len(self._connections) >= self.max_connections:
+                raise HTTPError(503, "too many connections", [("Retry-After", "1")])
+        except HTTPError as error:
+            return _HTTPAnswer(_bad_request(handshake, error))
+        admit = functools.partial(
+            self._admit, stream, handshake, transport, nursery, route.kind != "function"
+        )
+        return _Upgrade(route, WebSocketRequest(stream, handshake, params, admit, self._send_http))
+
+    async def _answer_leftover(
+        self,
+        stream: trio.abc.Stream,
+        handshake: ServerHandshake,
+        opened: _Opened | None,
+        deadline: float,
+    ) -> None:
+        """Whatever the opening phase and the handler did not answer gets its answer now."""
+        if opened is None:  # cancelled while opening: by open_timeout, or by a shutdown
+            error = (
+                HTTPError(503, "server shutting down")
+                if self._stopping
+                else HTTPError(408, "request timeout")
+            )
+            await self._send_http(stream, _bad_request(handshake, error))
+        elif isinstance(opened, _HTTPAnswer):
+            if opened.response:
+                await self._send_http(stream, opened.response)
+        else:
+            request = opened.request
+            if request.connection is None and not request._answered:
+                if self._stopping:
+                    await request.reject(503, body="server shutting down\n")
+                elif trio.current_time() >= deadline:
+                    logger.info("handler did not answer %s within open_timeout", request.url_path)
+                    await request.reject(503, body="handshake timeout\n")
+                else:
+                    logger.error("handler returned without accepting or rejecting %s", request)
+                    await request.reject(500, body="internal server error\n")
+
     async def _serve_request(
         self, route: Route, request: WebSocketRequest
     ) -> tuple[WebSocketConnection, WebSocketHandler] | None:
-        """Authenticate, then run a handler function, or accept for a handler object.
+        """Authenticate, then run a handler function to its end, or accept for a handler object.
+
+        A handler function runs in this frame (every idle connection holds it):
+        its failure is logged and answered (500, or 1011), and its connection
+        is closed (1000, 1001 in a shutdown) and leaves the registry, on every
+        path.
 
         Returns:
             The connection and the handler object whose hooks must now run, or
             None when there is nothing more to do here.
         """
+        accepted = None
+        try:
+            try:
+                if await self._authenticate(route, request):
+                    if route.kind == "function":
+                        await route.endpoint(request)
+                    else:
+                        accepted = await self._validate(route, request)
+            except ConnectionClosed:
+                pass  # the connection ended under the handler: not an error
+            except Exception:
+                await self._handler_failed(request)
+            if accepted is None and request.connection is not None:
+                if self._stopping:
+                    await request.connection.aclose(CloseCode.GOING_AWAY, "server shutting down")
+                else:
+                    await request.connection.aclose()
+        finally:
+            # On every path, cancellation by a shutdown included: a handler
+            # function's connection leaves the registry.
+            if accepted is None and request.connection is not None:
+                self._connections.pop(request.connection.id, None)
+        return accepted
+
+    async def _authenticate(self, route: Route, request: WebSocketRequest) -> bool:
+        """Run the server's and the route's authenticators; False once one answered 401."""
         # For a handler class, read its authenticator from the class: no
         # instance is made for a request that authentication refuses.
         for authenticator in (self.authenticator, getattr(route.endpoint, "authenticator", None)):
@@ -746,11 +784,14 @@ class WebSocketServer:
                     headers=[("WWW-Authenticate", authenticator.www_authenticate)],
                     body="authentication required\n",
                 )
-                return None
+                return False
             request.user = user
-        if route.kind == "function":
-            await route.endpoint(request)
-            return None
+        return True
+
+    async def _validate(
+        self, route: Route, request: WebSocketRequest
+    ) -> tuple[WebSocketConnection, WebSocketHandler] | None:
+        """A handler object's decision: accept (for its hooks), or reject (None)."""
         handler: WebSocketHandler = route.endpoint() if route.kind == "factory" else route.endpoint
         decision = await handler.validate(request)
         if isinstance(decision, Reject):
