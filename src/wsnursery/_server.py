@@ -27,7 +27,7 @@ import sys
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeAlias, TypedDict
+from typing import Any, Generic, TypeAlias, TypedDict, TypeVar, overload
 
 import trio
 
@@ -335,6 +335,58 @@ class ServerOptions(TypedDict, total=False):
     overflow_close_code: int
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Options:
+    """A server's settings, from the keywords of :class:`WebSocketServer`, built once.
+
+    Frozen: a request, its connection and the server's tasks all read the
+    same values; the public attributes of the same names read (and, when set,
+    replace) this object.
+    """
+
+    authenticator: Authenticator | None
+    allowed_origins: set[str] | None  # lower case, no trailing slash
+    # Limits
+    max_message_size: int | None
+    max_queue: int
+    max_connections: int | None
+    max_request_line: int
+    max_header_line: int
+    max_headers: int
+    # Timeouts
+    open_timeout: float | None
+    close_timeout: float | None
+    ping_interval: float | None
+    ping_timeout: float | None
+    # Features
+    compression: bool
+
+
+_T = TypeVar("_T")
+
+
+class _Option(Generic[_T]):
+    # No docstring on purpose: autodoc would show it under each attribute.
+    __slots__ = ("name",)
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, server: None, owner: type) -> _Option[_T]: ...
+    @overload
+    def __get__(self, server: WebSocketServer, owner: type) -> _T: ...
+    def __get__(self, server: WebSocketServer | None, owner: type) -> _Option[_T] | _T:
+        if server is None:
+            return self
+        value: _T = getattr(server._options, self.name)
+        return value
+
+    def __set__(self, server: WebSocketServer, value: _T) -> None:
+        changes: dict[str, Any] = {self.name: value}
+        server._options = dataclasses.replace(server._options, **changes)
+
+
 class WebSocketServer:
     """A WebSocket server: listeners, a handler, and every connection it holds.
 
@@ -347,6 +399,22 @@ class WebSocketServer:
         broadcaster (Broadcaster): Sends to this server's connections: by ID,
             to all, to groups (see :doc:`/topics/broadcast`).
     """
+
+    # The keywords below stay readable (and settable) as attributes; they live
+    # in one frozen _Options, and setting one replaces it.
+    authenticator: _Option[Authenticator | None] = _Option()
+    allowed_origins: _Option[set[str] | None] = _Option()
+    max_message_size: _Option[int | None] = _Option()
+    max_queue: _Option[int] = _Option()
+    max_connections: _Option[int | None] = _Option()
+    max_request_line: _Option[int] = _Option()
+    max_header_line: _Option[int] = _Option()
+    max_headers: _Option[int] = _Option()
+    open_timeout: _Option[float | None] = _Option()
+    close_timeout: _Option[float | None] = _Option()
+    ping_interval: _Option[float | None] = _Option()
+    ping_timeout: _Option[float | None] = _Option()
+    compression: _Option[bool] = _Option()
 
     def __init__(
         self,
@@ -379,22 +447,27 @@ class WebSocketServer:
     ) -> None:
         self.handler = handler
         self.listeners = list(listeners)
-        self.authenticator = authenticator
-        self.allowed_origins = (
-            None if allowed_origins is None else {o.lower().rstrip("/") for o in allowed_origins}
+        # Built once, frozen: what the requests and connections are made with.
+        self._options = _Options(
+            authenticator=authenticator,
+            allowed_origins=(
+                None
+                if allowed_origins is None
+                else {o.lower().rstrip("/") for o in allowed_origins}
+            ),
+            max_message_size=max_message_size,
+            max_queue=max_queue,
+            max_connections=max_connections,
+            max_request_line=max_request_line,
+            max_header_line=max_header_line,
+            max_headers=max_headers,
+            open_timeout=open_timeout,
+            close_timeout=close_timeout,
+            ping_interval=ping_interval,
+            ping_timeout=ping_timeout,
+            compression=compression,
         )
         self._router = build_router(handler, http_routes or {})
-        self.max_message_size = max_message_size
-        self.max_queue = max_queue
-        self.max_connections = max_connections
-        self.max_request_line = max_request_line
-        self.max_header_line = max_header_line
-        self.max_headers = max_headers
-        self.open_timeout = open_timeout
-        self.close_timeout = close_timeout
-        self.ping_interval = ping_interval
-        self.ping_timeout = ping_timeout
-        self.compression = compression
         self._connections: dict[str, WebSocketConnection] = {}
         backplane = as_backplane(backplane)  # a Redis URL becomes a RedisBackplane
         self.broadcaster = Broadcaster(
@@ -468,8 +541,8 @@ class WebSocketServer:
                         await nursery.start(self.broadcaster.serve)
                     for listener in self.listeners:
                         nursery.start_soon(self._accept_loop, listener, nursery)
-                    if self.ping_interval is not None:
-                        nursery.start_soon(self._keepalive_loop, self.ping_interval)
+                    if self._options.ping_interval is not None:
+                        nursery.start_soon(self._keepalive_loop, self._options.ping_interval)
                     nursery.start_soon(self._expire_handshakes)
                     task_status.started(self)
                     with body:
@@ -520,7 +593,7 @@ class WebSocketServer:
             if count % _EXPIRE_BATCH == 0:
                 await trio.lowlevel.checkpoint()
         logger.info("shutting down: closing %d connections", len(self._connections))
-        with trio.move_on_after(_timeout(self.close_timeout)):
+        with trio.move_on_after(_timeout(self._options.close_timeout)):
             async with trio.open_nursery() as closers:
                 for conn in list(self._connections.values()):
                     closers.start_soon(
@@ -603,11 +676,11 @@ class WebSocketServer:
         """
         transport = _make_transport(stream)
         handshake = ServerHandshake(
-            max_request_line=self.max_request_line,
-            max_header_line=self.max_header_line,
-            max_headers=self.max_headers,
+            max_request_line=self._options.max_request_line,
+            max_header_line=self._options.max_header_line,
+            max_headers=self._options.max_headers,
         )
-        deadline = trio.current_time() + _timeout(self.open_timeout)
+        deadline = trio.current_time() + _timeout(self._options.open_timeout)
         # What the opening phase found; None while it runs (so None after the
         # nursery means it was cancelled: open_timeout or a shutdown).
         opened: _Opened | None = None
@@ -693,7 +766,10 @@ class WebSocketServer:
             self._check_origin(head.headers.get("origin"))
             if self._stopping:
                 raise HTTPError(503, "server shutting down")
-            if self.max_connections is not None and len(self._connections) >= self.max_connections:
+            if (
+                self._options.max_connections is not None
+                and len(self._connections) >= self._options.max_connections
+            ):
                 raise HTTPError(503, "too many connections", [("Retry-After", "1")])
         except HTTPError as error:
             return _HTTPAnswer(_bad_request(handshake, error))
@@ -774,7 +850,10 @@ class WebSocketServer:
         """Run the server's and the route's authenticators; False once one answered 401."""
         # For a handler class, read its authenticator from the class: no
         # instance is made for a request that authentication refuses.
-        for authenticator in (self.authenticator, getattr(route.endpoint, "authenticator", None)):
+        for authenticator in (
+            self._options.authenticator,
+            getattr(route.endpoint, "authenticator", None),
+        ):
             if authenticator is None:
                 continue
             user = await _maybe_await(authenticator(request))
@@ -831,9 +910,10 @@ class WebSocketServer:
         """
         if self._stopping:
             return None
+        options = self._options
         extensions = (
-            [BoundedPerMessageDeflate(max_message_size=self.max_message_size)]
-            if self.compression
+            [BoundedPerMessageDeflate(max_message_size=options.max_message_size)]
+            if options.compression
             else []
         )
         response, enabled = handshake.accept(
@@ -851,17 +931,17 @@ class WebSocketServer:
             raise ConnectionClosed.for_reason(_lost()) from exc
         conn = WebSocketConnection(
             stream,
-            Protocol(client=False, extensions=enabled, max_message_size=self.max_message_size),
+            Protocol(client=False, extensions=enabled, max_message_size=options.max_message_size),
             path=request.path,
             query=request.query,
             request_headers=request.headers,
             response_headers=Headers(),
             subprotocol=subprotocol,
             trailing_data=handshake.trailing_data,
-            max_queue=self.max_queue,
-            ping_interval=self.ping_interval,
-            ping_timeout=self.ping_timeout,
-            close_timeout=self.close_timeout,
+            max_queue=options.max_queue,
+            ping_interval=options.ping_interval,
+            ping_timeout=options.ping_timeout,
+            close_timeout=options.close_timeout,
             local=addresses[0] if addresses else None,
             remote=addresses[1] if addresses else None,
             transport=transport,
@@ -885,9 +965,9 @@ class WebSocketServer:
 
     def _check_origin(self, origin: str | None) -> None:
         """403 for an Origin outside ``allowed_origins`` (cross-site WebSocket hijacking)."""
-        if self.allowed_origins is None or origin is None:
+        if self._options.allowed_origins is None or origin is None:
             return  # not configured, or not a browser (browsers always send Origin)
-        if origin.lower().rstrip("/") not in self.allowed_origins:
+        if origin.lower().rstrip("/") not in self._options.allowed_origins:
             raise HTTPError(403, f"origin {origin} is not allowed")
 
     async def _plain_http(
@@ -934,7 +1014,7 @@ class WebSocketServer:
 
     async def _send_http(self, stream: trio.abc.Stream, response: bytes) -> None:
         """Write a complete HTTP response, then close politely: EOF, brief drain."""
-        with trio.move_on_after(min(_timeout(self.close_timeout), 5.0)):
+        with trio.move_on_after(min(_timeout(self._options.close_timeout), 5.0)):
             try:
                 await stream.send_all(response)
                 if isinstance(stream, trio.SocketStream):
