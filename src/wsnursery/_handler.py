@@ -21,7 +21,7 @@ from ._headers import HeaderPairs, split_target
 if TYPE_CHECKING:
     from ._connection import WebSocketConnection
     from ._exceptions import CloseReason
-    from ._server import WebSocketRequest
+    from ._request import WebSocketRequest
 
 __all__ = [
     "Accept",

@@ -24,7 +24,8 @@ import trio.testing
 from ._client import BlockExit, client_connection, client_handshake, upgrade
 from ._connection import WebSocketConnection
 from ._headers import HeaderPairs
-from ._server import Handler, WebSocketRequest, WebSocketServer
+from ._request import WebSocketRequest
+from ._server import Handler, WebSocketServer
 from ._util import collapse_exception_groups, graceful_scope
 
 __all__ = ["open_handler_client", "open_websocket_pair"]
