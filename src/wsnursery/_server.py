@@ -500,10 +500,32 @@ class WebSocketServer:
                 logger.error("accept failed: %s; retrying in 100 ms", exc)
                 await trio.sleep(0.1)
                 continue
-            self._handling += 1
-            if self._idle.is_set():
-                self._idle = trio.Event()
+            self._count_in()
             nursery.start_soon(self._handle_stream, stream)
+
+    def _count_in(self) -> None:
+        """Count a client in before its task starts: a stop waits until none is left."""
+        self._handling += 1
+        if self._idle.is_set():
+            self._idle = trio.Event()
+
+    async def serve_stream(self, stream: trio.abc.Stream) -> None:
+        """Serve one connected stream as if a listener had accepted it.
+
+        For a stream that comes from elsewhere: a memory stream in a test (as
+        :mod:`wsnursery.testing` does), a socket accepted by other code. The
+        client gets exactly what a listener's client gets: the head under
+        ``open_timeout``, the routes, the handler, the registry, the 1001 of a
+        stop. Runs in the caller's task and returns when the connection is
+        over; the stream is closed then.
+
+        Cancellation:
+            The handler is cancelled and the transport closed, with no closing
+            handshake (a handler object's ``on_disconnect`` still runs, bounded
+            by ``close_timeout``).
+        """
+        self._count_in()
+        await self._handle_stream(stream)
 
     async def _handle_stream(self, stream: trio.abc.Stream) -> None:
         """Serve one client: the opening phase, then the handler, then any answer left.

@@ -85,8 +85,7 @@ async def open_handler_client(
             left = BlockExit(body)
             try:
                 with body, left:
-                    server._handling += 1
-                    nursery.start_soon(server._handle_stream, server_stream)
+                    nursery.start_soon(server.serve_stream, server_stream)
                     await upgrade(client_stream, handshake)
                     conn = client_connection(
                         client_stream,
