@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import resource
@@ -22,7 +23,7 @@ from wsnursery import (
     open_websocket_url,
     serve_websocket,
 )
-from wsnursery._server import ServerOptions
+from wsnursery._server import ServerOptions, _Options
 
 Handler = Callable[[WebSocketRequest], Awaitable[None]]
 
@@ -340,6 +341,21 @@ def test_serve_websocket_takes_every_keyword_of_the_server_with_its_default() ->
     assert all(shown[name].default == server[name].default for name in keywords)
     assert list(shown)[:3] == ["handler", "host", "port"]
     assert list(shown)[-1] == "task_status"
+
+
+def test_the_server_keeps_its_settings_in_one_frozen_object_its_attributes_read() -> None:
+    """Each field of the frozen options is a keyword of the server, readable as an
+    attribute; setting the attribute (as before the options object) takes effect."""
+    fields = [f.name for f in dataclasses.fields(_Options)]
+    assert set(fields) <= set(ServerOptions.__annotations__)
+    server = WebSocketServer(echo, [], max_queue=3, allowed_origins=["HTTPS://Example.com/"])
+    assert server.max_queue == 3
+    assert server.allowed_origins == {"https://example.com"}
+    assert all(getattr(server, name) == getattr(server._options, name) for name in fields)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        server._options.max_queue = 5  # type: ignore[misc]
+    server.max_queue = 5
+    assert server.max_queue == 5 == server._options.max_queue
 
 
 async def test_server_keepalive_closes_a_silent_client_and_keeps_live_ones() -> None:

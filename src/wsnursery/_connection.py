@@ -272,6 +272,7 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
         transport: _Transport | None = None,
         user: Any = None,
         server: Any = None,
+        conn_id: str | None = None,
     ) -> None:
         if max_queue < 1:
             raise ValueError("max_queue must be at least 1")
@@ -320,7 +321,7 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
         self._foreign_hook = False
         self._hook_lot: ParkingLot | None = None
         #: The connection's ID, unique in the process.
-        self.id = f"{next(_ids):x}"
+        self.id = conn_id if conn_id is not None else f"{next(_ids):x}"
         #: The user the authenticator returned, or None.
         self.user: Any = user
         #: The server that accepted the connection (None on the client side).

@@ -20,8 +20,8 @@ from ._sansio.headers import HeaderPairs, split_target
 
 if TYPE_CHECKING:
     from ._connection import WebSocketConnection
+    from ._request import WebSocketRequest
     from ._sansio.exceptions import CloseReason
-    from ._server import WebSocketRequest
 
 __all__ = [
     "Accept",

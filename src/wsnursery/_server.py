@@ -15,8 +15,10 @@ The nursery tree (see ``docs/topics/design.rst``)::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
+import itertools
 import logging
 import math
 import mimetypes
@@ -25,7 +27,7 @@ import sys
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeAlias, TypedDict
+from typing import Any, Generic, TypeAlias, TypedDict, TypeVar, overload
 
 import trio
 
@@ -41,15 +43,15 @@ from ._handler import (
     WebSocketHandler,
     _maybe_await,
     build_router,
-    parse_cookies,
 )
 from ._redis import as_backplane
+from ._request import WebSocketRequest
 from ._sansio.deflate import BoundedPerMessageDeflate
 from ._sansio.exceptions import CloseCode, CloseReason, ConnectionClosed
-from ._sansio.handshake import HTTPError, RequestHead, ServerHandshake
+from ._sansio.handshake import HTTPError, ServerHandshake
 from ._sansio.headers import HeaderPairs, Headers
 from ._sansio.protocol import Protocol
-from ._util import LazyAddresses, collapse_exception_groups, graceful_scope
+from ._util import collapse_exception_groups, graceful_scope
 
 if sys.version_info >= (3, 11):
     from typing import Unpack
@@ -75,199 +77,35 @@ HandlerSpec: TypeAlias = (
 )
 
 
-class WebSocketRequest(LazyAddresses):
-    """A WebSocket upgrade request waiting for the handler's decision.
-
-    The handler calls :meth:`accept` (and gets a :class:`WebSocketConnection`)
-    or :meth:`reject`, once.
-
-    Attributes:
-        method: Always ``"GET"`` for a request that reaches a handler.
-        target: The raw request target (``/chat?room=1``).
-        path: The full request target, query included (``/chat?room=1``),
-            as trio-websocket's ``path``; :attr:`url_path` is its path part.
-        query: The target's query parameters (first value of each name).
-        headers: The request headers (:class:`Headers`, case-insensitive).
-        subprotocols: The subprotocols the client proposed, in order.
-        path_params: The values of the route's ``{name}`` parts.
-        user: What the authenticator returned, or None.
-    """
-
-    def __init__(
-        self,
-        server: WebSocketServer,
-        stream: trio.abc.Stream,
-        handshake: ServerHandshake,
-        nursery: trio.Nursery,
-        transport: _Transport,
-        path_params: dict[str, str],
-    ) -> None:
-        head = handshake.head
-        assert head is not None
-        self._server = server
-        self._stream = stream
-        self._handshake = handshake
-        self._nursery = nursery  # the connection's; open_timeout cancels it (see _opening)
-        self._transport = transport
-        self._head: RequestHead = head
-        self.method = head.method
-        self.target = head.target
-        self.path = head.target
-        self.query = head.query
-        self.headers: Headers = head.headers
-        self.subprotocols = head.subprotocols
-        self._addresses: tuple[Any, Any] | None = None
-        self.connection: WebSocketConnection | None = None
-        self._answered = False
-        self.path_params = path_params
-        self.user: Any = None
-        self._dispatch = False
-
-    @property
-    def url_path(self) -> str:
-        """The path part of :attr:`path`, without the query (``/chat``): what routes match."""
-        return self._head.url_path
-
-    @property
-    def query_string(self) -> str:
-        """The raw query of :attr:`path`, after the ``?`` (``room=1``; ``""`` if none)."""
-        return self._head.query_string
-
-    @property
-    def cookies(self) -> dict[str, str]:
-        """The request's cookies (from every ``Cookie`` header)."""
-        return parse_cookies(self.headers.get_all("cookie"))
-
-    @property
-    def peer_certificate(self) -> Any:
-        """The client's TLS certificate (``ssl.SSLSocket.getpeercert()``), or None."""
-        stream: Any = self._stream
-        if isinstance(stream, trio.SSLStream):
-            return stream.getpeercert()
-        return None
-
-    @property
-    def extensions(self) -> list[str]:
-        """The raw ``Sec-WebSocket-Extensions`` offers of the client."""
-        return self._head.extension_offers
-
-    def __repr__(self) -> str:
-        # The path part only: a query may carry a token, and this is logged.
-        return f"<WebSocketRequest {self.url_path!r} from {self.remote}>"
-
-    async def accept(
-        self,
-        *,
-        subprotocol: str | None = None,
-        extra_headers: HeaderPairs = (),
-    ) -> WebSocketConnection:
-        """Complete the handshake with 101 Switching Protocols.
-
-        Args:
-            subprotocol: One of :attr:`subprotocols`, or None for none.
-            extra_headers: More response headers (``Set-Cookie``...).
-
-        Returns:
-            The open connection. It lives in the connection's nursery and is
-            closed (1000) when the handler returns.
-
-        Raises:
-            ConnectionClosed: the server is shutting down (the client got 503)
-                or the client went away during the handshake.
-            RuntimeError: the request was already accepted or rejected.
-            ValueError: ``subprotocol`` was not proposed by the client.
-
-        Cancellation:
-            If cancelled while the 101 response is being written, the client
-            may hold half a response: the connection is closed.
-        """
-        if self._answered:
-            raise RuntimeError("this request was already answered")
-        server = self._server
-        if server._stopping:
-            await self.reject(503, body="server shutting down")
-            raise ConnectionClosed.for_reason(_going_away())
-        self._answered = True
-        extensions = (
-            [BoundedPerMessageDeflate(max_message_size=server.max_message_size)]
-            if server.compression
-            else []
-        )
-        response, enabled = self._handshake.accept(
-            subprotocol=subprotocol, extensions=extensions, extra_headers=extra_headers
-        )
-        conn = WebSocketConnection(
-            self._stream,
-            Protocol(client=False, extensions=enabled, max_message_size=server.max_message_size),
-            path=self.path,
-            query=self.query,
-            request_headers=self.headers,
-            response_headers=Headers(),
-            subprotocol=subprotocol,
-            trailing_data=self._handshake.trailing_data,
-            max_queue=server.max_queue,
-            ping_interval=server.ping_interval,
-            ping_timeout=server.ping_timeout,
-            close_timeout=server.close_timeout,
-            local=self._addresses[0] if self._addresses else None,
-            remote=self._addresses[1] if self._addresses else None,
-            transport=self._transport,
-            user=self.user,
-            server=server,
-        )
-        try:
-            await conn._write(response)
-        except ConnectionClosed as exc:
-            raise ConnectionClosed.for_reason(_lost()) from exc.__cause__
-        scope = self._nursery.cancel_scope
-        server._opening.pop(scope, None)  # open_timeout no longer applies
-        if server._nursery is None:
-            scope.deadline = math.inf  # served without run(): see _handle_stream
-        self.connection = conn
-        if self._dispatch:
-            conn._nursery = self._nursery  # the client's task reads: see _dispatch
-        else:
-            conn._start(self._nursery, keepalive_task=False)  # the server pings from one task
-        if server._id_prefix:
-            # Unique across every node sharing the backplane, and names the node.
-            conn.id = server._id_prefix + conn.id
-        server._connections[conn.id] = conn
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("accepted %s from %s", self.url_path, self.remote)
-        return conn
-
-    async def reject(
-        self,
-        status: int,
-        *,
-        headers: HeaderPairs = (),
-        body: bytes | str = b"",
-    ) -> None:
-        """Refuse the upgrade with an HTTP response and close the connection.
-
-        Args:
-            status: An HTTP status from 400 to 599 (or 2xx/3xx, e.g. a redirect).
-            headers: Response headers.
-            body: The response body (str is sent as UTF-8 text/plain).
-
-        Cancellation:
-            The connection is closed either way.
-        """
-        if self._answered:
-            raise RuntimeError("this request was already answered")
-        self._answered = True
-        logger.info("rejected %s from %s with %d", self.url_path, self.remote, status)
-        await self._server._send_http(
-            self._stream, self._handshake.reject(status, headers=headers, body=body)
-        )
-
-
-def _going_away() -> CloseReason:
-    return CloseReason(CloseCode.GOING_AWAY, "server shutting down", initiated_by_peer=False)
-
-
 def _lost() -> CloseReason:
     return CloseReason(CloseCode.ABNORMAL_CLOSURE, "client went away during the handshake")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _HTTPAnswer:
+    """The opening phase's result when HTTP answers: this response, sent after the nursery."""
+
+    response: bytes
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Upgrade:
+    """The opening phase's result for a WebSocket upgrade: the request, for its route's handler."""
+
+    route: Route
+    request: WebSocketRequest
+
+
+#: What the opening phase (``WebSocketServer._open``) returns.
+_Opened: TypeAlias = "_HTTPAnswer | _Upgrade"
+#: A handler object's connection was served: nothing is left to answer.
+_NOTHING_LEFT = _HTTPAnswer(b"")
+
+
+def _bad_request(handshake: ServerHandshake, error: HTTPError) -> bytes:
+    """The HTTP response for ``error`` (logged: a bad request, a timeout, a refusal)."""
+    logger.info("bad request: %s", error)
+    return handshake.reject(error.status, headers=error.headers, body=error.message + "\n")
 
 
 class ConnectionRegistry(Mapping[str, WebSocketConnection]):
@@ -340,6 +178,58 @@ class ServerOptions(TypedDict, total=False):
     overflow_close_code: int
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Options:
+    """A server's settings, from the keywords of :class:`WebSocketServer`, built once.
+
+    Frozen: a request, its connection and the server's tasks all read the
+    same values; the public attributes of the same names read (and, when set,
+    replace) this object.
+    """
+
+    authenticator: Authenticator | None
+    allowed_origins: set[str] | None  # lower case, no trailing slash
+    # Limits
+    max_message_size: int | None
+    max_queue: int
+    max_connections: int | None
+    max_request_line: int
+    max_header_line: int
+    max_headers: int
+    # Timeouts
+    open_timeout: float | None
+    close_timeout: float | None
+    ping_interval: float | None
+    ping_timeout: float | None
+    # Features
+    compression: bool
+
+
+_T = TypeVar("_T")
+
+
+class _Option(Generic[_T]):
+    # No docstring on purpose: autodoc would show it under each attribute.
+    __slots__ = ("name",)
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, server: None, owner: type) -> _Option[_T]: ...
+    @overload
+    def __get__(self, server: WebSocketServer, owner: type) -> _T: ...
+    def __get__(self, server: WebSocketServer | None, owner: type) -> _Option[_T] | _T:
+        if server is None:
+            return self
+        value: _T = getattr(server._options, self.name)
+        return value
+
+    def __set__(self, server: WebSocketServer, value: _T) -> None:
+        changes: dict[str, Any] = {self.name: value}
+        server._options = dataclasses.replace(server._options, **changes)
+
+
 class WebSocketServer:
     """A WebSocket server: listeners, a handler, and every connection it holds.
 
@@ -352,6 +242,22 @@ class WebSocketServer:
         broadcaster (Broadcaster): Sends to this server's connections: by ID,
             to all, to groups (see :doc:`/topics/broadcast`).
     """
+
+    # The keywords below stay readable (and settable) as attributes; they live
+    # in one frozen _Options, and setting one replaces it.
+    authenticator: _Option[Authenticator | None] = _Option()
+    allowed_origins: _Option[set[str] | None] = _Option()
+    max_message_size: _Option[int | None] = _Option()
+    max_queue: _Option[int] = _Option()
+    max_connections: _Option[int | None] = _Option()
+    max_request_line: _Option[int] = _Option()
+    max_header_line: _Option[int] = _Option()
+    max_headers: _Option[int] = _Option()
+    open_timeout: _Option[float | None] = _Option()
+    close_timeout: _Option[float | None] = _Option()
+    ping_interval: _Option[float | None] = _Option()
+    ping_timeout: _Option[float | None] = _Option()
+    compression: _Option[bool] = _Option()
 
     def __init__(
         self,
@@ -384,22 +290,27 @@ class WebSocketServer:
     ) -> None:
         self.handler = handler
         self.listeners = list(listeners)
-        self.authenticator = authenticator
-        self.allowed_origins = (
-            None if allowed_origins is None else {o.lower().rstrip("/") for o in allowed_origins}
+        # Built once, frozen: what the requests and connections are made with.
+        self._options = _Options(
+            authenticator=authenticator,
+            allowed_origins=(
+                None
+                if allowed_origins is None
+                else {o.lower().rstrip("/") for o in allowed_origins}
+            ),
+            max_message_size=max_message_size,
+            max_queue=max_queue,
+            max_connections=max_connections,
+            max_request_line=max_request_line,
+            max_header_line=max_header_line,
+            max_headers=max_headers,
+            open_timeout=open_timeout,
+            close_timeout=close_timeout,
+            ping_interval=ping_interval,
+            ping_timeout=ping_timeout,
+            compression=compression,
         )
         self._router = build_router(handler, http_routes or {})
-        self.max_message_size = max_message_size
-        self.max_queue = max_queue
-        self.max_connections = max_connections
-        self.max_request_line = max_request_line
-        self.max_header_line = max_header_line
-        self.max_headers = max_headers
-        self.open_timeout = open_timeout
-        self.close_timeout = close_timeout
-        self.ping_interval = ping_interval
-        self.ping_timeout = ping_timeout
-        self.compression = compression
         self._connections: dict[str, WebSocketConnection] = {}
         backplane = as_backplane(backplane)  # a Redis URL becomes a RedisBackplane
         self.broadcaster = Broadcaster(
@@ -411,6 +322,7 @@ class WebSocketServer:
         )
         self.broadcaster._bind(self._connections)
         self._id_prefix = "" if backplane is None else self.broadcaster.node_id + "-"
+        self._prefixed_ids = itertools.count(1)  # the <n> of "<node_id>-<n>"
         # Connection nurseries still in the opening handshake, with their
         # open_timeout deadlines, oldest first: _expire_handshakes cancels them
         # when due (408), a stop cancels them all (503).
@@ -472,8 +384,8 @@ class WebSocketServer:
                         await nursery.start(self.broadcaster.serve)
                     for listener in self.listeners:
                         nursery.start_soon(self._accept_loop, listener, nursery)
-                    if self.ping_interval is not None:
-                        nursery.start_soon(self._keepalive_loop, self.ping_interval)
+                    if self._options.ping_interval is not None:
+                        nursery.start_soon(self._keepalive_loop, self._options.ping_interval)
                     nursery.start_soon(self._expire_handshakes)
                     task_status.started(self)
                     with body:
@@ -524,7 +436,7 @@ class WebSocketServer:
             if count % _EXPIRE_BATCH == 0:
                 await trio.lowlevel.checkpoint()
         logger.info("shutting down: closing %d connections", len(self._connections))
-        with trio.move_on_after(_timeout(self.close_timeout)):
+        with trio.move_on_after(_timeout(self._options.close_timeout)):
             async with trio.open_nursery() as closers:
                 for conn in list(self._connections.values()):
                     closers.start_soon(
@@ -589,42 +501,65 @@ class WebSocketServer:
                 logger.error("accept failed: %s; retrying in 100 ms", exc)
                 await trio.sleep(0.1)
                 continue
-            self._handling += 1
-            if self._idle.is_set():
-                self._idle = trio.Event()
+            self._count_in()
             nursery.start_soon(self._handle_stream, stream)
 
+    def _count_in(self) -> None:
+        """Count a client in before its task starts: a stop waits until none is left."""
+        self._handling += 1
+        if self._idle.is_set():
+            self._idle = trio.Event()
+
+    async def serve_stream(self, stream: trio.abc.Stream) -> None:
+        """Serve one connected stream as if a listener had accepted it.
+
+        For a stream that comes from elsewhere: a memory stream in a test (as
+        :mod:`wsnursery.testing` does), a socket accepted by other code. The
+        client gets exactly what a listener's client gets: the head under
+        ``open_timeout``, the routes, the handler, the registry, the 1001 of a
+        stop. Runs in the caller's task and returns when the connection is
+        over; the stream is closed then.
+
+        Cancellation:
+            The handler is cancelled and the transport closed, with no closing
+            handshake (a handler object's ``on_disconnect`` still runs, bounded
+            by ``close_timeout``).
+        """
+        self._count_in()
+        await self._handle_stream(stream)
+
     async def _handle_stream(self, stream: trio.abc.Stream) -> None:
-        """Serve one client: the request head, the handler, the connection's life.
+        """Serve one client: the opening phase, then the handler, then any answer left.
 
         One task and the connection nursery, which ``_expire_handshakes``
-        cancels at the ``open_timeout`` unless the handler accepted first.
-        Kept as one function on purpose: every idle connection holds this
-        task's stack, so each frame less is memory saved per connection.
+        cancels at the ``open_timeout`` unless the handler accepted first. The
+        opening phase (``_open``) returns what it found; the handler runs here
+        (``_serve_request``, and a handler object's hooks); what nobody
+        answered gets its HTTP answer after the nursery. Every idle connection
+        holds this frame: it keeps few locals, and drops the request before a
+        handler object's hooks run.
         """
         transport = _make_transport(stream)
         handshake = ServerHandshake(
-            max_request_line=self.max_request_line,
-            max_header_line=self.max_header_line,
-            max_headers=self.max_headers,
+            max_request_line=self._options.max_request_line,
+            max_header_line=self._options.max_header_line,
+            max_headers=self._options.max_headers,
         )
-        error: HTTPError | None = None
-        request: WebSocketRequest | None = None
-        plain: bytes | None = None
-        params: dict[str, str] = {}
-        deadline = trio.current_time() + _timeout(self.open_timeout)
+        deadline = trio.current_time() + _timeout(self._options.open_timeout)
+        # What the opening phase found; None while it runs (so None after the
+        # nursery means it was cancelled: open_timeout or a shutdown).
+        opened: _Opened | None = None
         opening_scope: trio.CancelScope | None = None
-        served = False
         try:
             # Errors from inside the nursery come wrapped in a group: unwrap the
             # single one so the transport errors below match.
             with collapse_exception_groups():
                 async with trio.open_nursery() as nursery:
-                    opening_scope = nursery.cancel_scope
                     # The nursery's own scope is the open_timeout (TLS, head, the
                     # handler's decision): _expire_handshakes cancels it when due,
-                    # accept() takes it off. No extra cancel scope stays alive
-                    # for the connection's lifetime.
+                    # _admit takes it off. No extra cancel scope stays alive for
+                    # the connection's lifetime.
+                    opening_scope = nursery.cancel_scope
                     self._opening[opening_scope] = deadline
                     if self._nursery is None:
                         # Served without run() (wsnursery.testing): no expirer
@@ -633,109 +568,21 @@ class WebSocketServer:
                     elif self._opening_added is not None:
                         self._opening_added.set()
                         self._opening_added = None
-                    route: Route | None = None
-                    try:
-                        while handshake.receive_data(await transport.receive()) is None:
-                            pass
-                        head = handshake.head
-                        assert head is not None
-                        found = self._router.match(head.url_path)
-                        if found is None:
-                            raise HTTPError(404, f"nothing is served at {head.url_path}")
-                        route, params = found
-                        if route.kind == "http" or not head.is_upgrade:
-                            try:
-                                plain = await self._plain_http(route, params, handshake)
-                            except HTTPError:
-                                raise
-                            except Exception:
-                                # The application's error (an endpoint, an
-                                # unreadable default page), not the client's.
-                                logger.exception(
-                                    "HTTP route failed on %s %s", head.method, head.url_path
-                                )
-                                raise HTTPError(500, "internal server error") from None
-                        else:
-                            handshake.check_upgrade()
-                            self._check_origin(head.headers.get("origin"))
-                            if self._stopping:
-                                raise HTTPError(503, "server shutting down")
-                            if (
-                                self.max_connections is not None
-                                and len(self._connections) >= self.max_connections
-                            ):
-                                raise HTTPError(503, "too many connections", [("Retry-After", "1")])
-                    except HTTPError as exc:
-                        error = exc
-                    else:
-                        if plain is None:
-                            assert route is not None
-                            request = WebSocketRequest(
-                                self, stream, handshake, nursery, transport, params
-                            )
+                    opened = await self._open(stream, handshake, transport, nursery)
+                    if isinstance(opened, _Upgrade):
+                        accepted = await self._serve_request(opened.route, opened.request)
+                        if accepted is not None:
+                            # A handler object's hooks run here, without the
+                            # request: every idle connection holds this frame.
+                            conn, handler = accepted
                             accepted = None
+                            opened = _NOTHING_LEFT
                             try:
-                                try:
-                                    accepted = await self._serve_request(route, request)
-                                except ConnectionClosed:
-                                    pass  # the connection ended under the handler: not an error
-                                except Exception:
-                                    await self._handler_failed(request)
-                                if accepted is None and request.connection is not None:
-                                    if self._stopping:
-                                        await request.connection.aclose(
-                                            CloseCode.GOING_AWAY, "server shutting down"
-                                        )
-                                    else:
-                                        await request.connection.aclose()
+                                await conn._dispatch(handler)
                             finally:
-                                # On every path, cancellation by a shutdown included:
-                                # a handler function's connection leaves the registry.
-                                if accepted is None and request.connection is not None:
-                                    self._connections.pop(request.connection.id, None)
-                            if accepted is not None:
-                                # A handler object's hooks run here, not inside
-                                # _serve_request, and without the request: every
-                                # idle connection holds this frame, so it keeps
-                                # only what the connection needs.
-                                conn, handler = accepted
-                                accepted = request = None
-                                served = True
-                                try:
-                                    await conn._dispatch(handler)
-                                finally:
-                                    self._connections.pop(conn.id, None)
+                                self._connections.pop(conn.id, None)
                     nursery.cancel_scope.cancel()
-                # Whatever the opening phase did not answer gets its answer now.
-                if served:
-                    pass
-                elif plain is not None:
-                    await self._send_http(stream, plain)
-                elif request is None:
-                    if error is None:  # cancelled: by open_timeout, or by a shutdown
-                        error = (
-                            HTTPError(503, "server shutting down")
-                            if self._stopping
-                            else HTTPError(408, "request timeout")
-                        )
-                    logger.info("bad request: %s", error)
-                    await self._send_http(
-                        stream,
-                        handshake.reject(
-                            error.status, headers=error.headers, body=error.message + "\n"
-                        ),
-                    )
-                elif request.connection is None and not request._answered:
-                    if self._stopping:
-                        await request.reject(503, body="server shutting down\n")
-                    elif trio.current_time() >= deadline:
-                        logger.info(
-                            "handler did not answer %s within open_timeout", request.url_path
-                        )
-                        await request.reject(503, body="handshake timeout\n")
-                    else:
-                        logger.error("handler returned without accepting or rejecting %s", request)
-                        await request.reject(500, body="internal server error\n")
+            await self._answer_leftover(stream, handshake, opened, deadline)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError) as exc:
             logger.debug("transport failed during the handshake: %r", exc)
         except Exception:  # pragma: no cover - everything expected is handled above
@@ -748,18 +595,130 @@ class WebSocketServer:
             if not self._handling:
                 self._idle.set()
 
+    async def _open(
+        self,
+        stream: trio.abc.Stream,
+        handshake: ServerHandshake,
+        transport: _Transport,
+        nursery: trio.Nursery,
+    ) -> _Opened:
+        """The opening phase: read the request head, route it, check it.
+
+        Returns:
+            The HTTP response to send (a plain HTTP route, a default page, an
+            error), or a WebSocket request for its route's handler.
+        """
+        try:
+            while handshake.receive_data(await transport.receive()) is None:
+                pass
+            head = handshake.head
+            assert head is not None
+            found = self._router.match(head.url_path)
+            if found is None:
+                raise HTTPError(404, f"nothing is served at {head.url_path}")
+            route, params = found
+            if route.kind == "http" or not head.is_upgrade:
+                try:
+                    return _HTTPAnswer(await self._plain_http(route, params, handshake))
+                except HTTPError:
+                    raise
+                except Exception:
+                    # The application's error (an endpoint, an unreadable
+                    # default page), not the client's.
+                    logger.exception("HTTP route failed on %s %s", head.method, head.url_path)
+                    raise HTTPError(500, "internal server error") from None
+            handshake.check_upgrade()
+            self._check_origin(head.headers.get("origin"))
+            if self._stopping:
+                raise HTTPError(503, "server shutting down")
+            if (
+                self._options.max_connections is not None
+                and len(self._connections) >= self._options.max_connections
+            ):
+                raise HTTPError(503, "too many connections", [("Retry-After", "1")])
+        except HTTPError as error:
+            return _HTTPAnswer(_bad_request(handshake, error))
+        admit = functools.partial(
+            self._admit, stream, handshake, transport, nursery, route.kind != "function"
+        )
+        return _Upgrade(route, WebSocketRequest(stream, handshake, params, admit, self._send_http))
+
+    async def _answer_leftover(
+        self,
+        stream: trio.abc.Stream,
+        handshake: ServerHandshake,
+        opened: _Opened | None,
+        deadline: float,
+    ) -> None:
+        """Whatever the opening phase and the handler did not answer gets its answer now."""
+        if opened is None:  # cancelled while opening: by open_timeout, or by a shutdown
+            error = (
+                HTTPError(503, "server shutting down")
+                if self._stopping
+                else HTTPError(408, "request timeout")
+            )
+            await self._send_http(stream, _bad_request(handshake, error))
+        elif isinstance(opened, _HTTPAnswer):
+            if opened.response:
+                await self._send_http(stream, opened.response)
+        else:
+            request = opened.request
+            if request.connection is None and not request._answered:
+                if self._stopping:
+                    await request.reject(503, body="server shutting down\n")
+                elif trio.current_time() >= deadline:
+                    logger.info("handler did not answer %s within open_timeout", request.url_path)
+                    await request.reject(503, body="handshake timeout\n")
+                else:
+                    logger.error("handler returned without accepting or rejecting %s", request)
+                    await request.reject(500, body="internal server error\n")
+
     async def _serve_request(
         self, route: Route, request: WebSocketRequest
     ) -> tuple[WebSocketConnection, WebSocketHandler] | None:
-        """Authenticate, then run a handler function, or accept for a handler object.
+        """Authenticate, then run a handler function to its end, or accept for a handler object.
+
+        A handler function runs in this frame (every idle connection holds it):
+        its failure is logged and answered (500, or 1011), and its connection
+        is closed (1000, 1001 in a shutdown) and leaves the registry, on every
+        path.
 
         Returns:
             The connection and the handler object whose hooks must now run, or
             None when there is nothing more to do here.
         """
+        accepted = None
+        try:
+            try:
+                if await self._authenticate(route, request):
+                    if route.kind == "function":
+                        await route.endpoint(request)
+                    else:
+                        accepted = await self._validate(route, request)
+            except ConnectionClosed:
+                pass  # the connection ended under the handler: not an error
+            except Exception:
+                await self._handler_failed(request)
+            if accepted is None and request.connection is not None:
+                if self._stopping:
+                    await request.connection.aclose(CloseCode.GOING_AWAY, "server shutting down")
+                else:
+                    await request.connection.aclose()
+        finally:
+            # On every path, cancellation by a shutdown included: a handler
+            # function's connection leaves the registry.
+            if accepted is None and request.connection is not None:
+                self._connections.pop(request.connection.id, None)
+        return accepted
+
+    async def _authenticate(self, route: Route, request: WebSocketRequest) -> bool:
+        """Run the server's and the route's authenticators; False once one answered 401."""
         # For a handler class, read its authenticator from the class: no
         # instance is made for a request that authentication refuses.
-        for authenticator in (self.authenticator, getattr(route.endpoint, "authenticator", None)):
+        for authenticator in (
+            self._options.authenticator,
+            getattr(route.endpoint, "authenticator", None),
+        ):
             if authenticator is None:
                 continue
             user = await _maybe_await(authenticator(request))
@@ -769,11 +728,14 @@ class WebSocketServer:
                     headers=[("WWW-Authenticate", authenticator.www_authenticate)],
                     body="authentication required\n",
                 )
-                return None
+                return False
             request.user = user
-        if route.kind == "function":
-            await route.endpoint(request)
-            return None
+        return True
+
+    async def _validate(
+        self, route: Route, request: WebSocketRequest
+    ) -> tuple[WebSocketConnection, WebSocketHandler] | None:
+        """A handler object's decision: accept (for its hooks), or reject (None)."""
         handler: WebSocketHandler = route.endpoint() if route.kind == "factory" else route.endpoint
         decision = await handler.validate(request)
         if isinstance(decision, Reject):
@@ -781,17 +743,96 @@ class WebSocketServer:
             return None
         if decision is None:
             decision = Accept()
-        request._dispatch = True
         conn = await request.accept(
             subprotocol=decision.subprotocol, extra_headers=decision.headers
         )
         return conn, handler
 
+    async def _admit(
+        self,
+        stream: trio.abc.Stream,
+        handshake: ServerHandshake,
+        transport: _Transport,
+        nursery: trio.Nursery,
+        dispatch: bool,
+        request: WebSocketRequest,
+        subprotocol: str | None,
+        extra_headers: HeaderPairs,
+        addresses: tuple[Any, Any] | None,
+    ) -> WebSocketConnection | None:
+        """Accept ``request``: write the 101, make the connection, register and start it.
+
+        The first five arguments are bound per request by ``_handle_stream``
+        (``dispatch``: a handler object's hooks will read in the client's own
+        task); the request calls the rest (see :data:`Admit`).
+
+        Returns:
+            The open connection, or None, at once, when the server is stopping.
+
+        Raises:
+            ConnectionClosed: the client went away during the handshake.
+            ValueError: ``subprotocol`` was not proposed by the client.
+        """
+        if self._stopping:
+            return None
+        options = self._options
+        extensions = (
+            [BoundedPerMessageDeflate(max_message_size=options.max_message_size)]
+            if options.compression
+            else []
+        )
+        response, enabled = handshake.accept(
+            subprotocol=subprotocol, extensions=extensions, extra_headers=extra_headers
+        )
+        try:
+            # Nothing else writes yet: straight to the transport, as the
+            # connection's own fast path would.
+            sent = transport.try_send(response)
+            if sent != len(response):
+                await transport.send(memoryview(response)[sent:])
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            with trio.CancelScope(shield=True):
+                await transport.close()
+            raise ConnectionClosed.for_reason(_lost()) from exc
+        conn = WebSocketConnection(
+            stream,
+            Protocol(client=False, extensions=enabled, max_message_size=options.max_message_size),
+            path=request.path,
+            query=request.query,
+            request_headers=request.headers,
+            response_headers=Headers(),
+            subprotocol=subprotocol,
+            trailing_data=handshake.trailing_data,
+            max_queue=options.max_queue,
+            ping_interval=options.ping_interval,
+            ping_timeout=options.ping_timeout,
+            close_timeout=options.close_timeout,
+            local=addresses[0] if addresses else None,
+            remote=addresses[1] if addresses else None,
+            transport=transport,
+            user=request.user,
+            server=self,
+            # Unique across every node sharing the backplane, and names the node.
+            conn_id=f"{self._id_prefix}{next(self._prefixed_ids):x}" if self._id_prefix else None,
+        )
+        scope = nursery.cancel_scope
+        self._opening.pop(scope, None)  # open_timeout no longer applies
+        if self._nursery is None:
+            scope.deadline = math.inf  # served without run(): see _handle_stream
+        if dispatch:
+            conn._nursery = nursery  # the client's task reads: see _dispatch
+        else:
+            conn._start(nursery, keepalive_task=False)  # the server pings from one task
+        self._connections[conn.id] = conn
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("accepted %s from %s", request.url_path, request.remote)
+        return conn
+
     def _check_origin(self, origin: str | None) -> None:
         """403 for an Origin outside ``allowed_origins`` (cross-site WebSocket hijacking)."""
-        if self.allowed_origins is None or origin is None:
+        if self._options.allowed_origins is None or origin is None:
             return  # not configured, or not a browser (browsers always send Origin)
-        if origin.lower().rstrip("/") not in self.allowed_origins:
+        if origin.lower().rstrip("/") not in self._options.allowed_origins:
             raise HTTPError(403, f"origin {origin} is not allowed")
 
     async def _plain_http(
@@ -838,7 +879,7 @@ class WebSocketServer:
 
     async def _send_http(self, stream: trio.abc.Stream, response: bytes) -> None:
         """Write a complete HTTP response, then close politely: EOF, brief drain."""
-        with trio.move_on_after(min(_timeout(self.close_timeout), 5.0)):
+        with trio.move_on_after(min(_timeout(self._options.close_timeout), 5.0)):
             try:
                 await stream.send_all(response)
                 if isinstance(stream, trio.SocketStream):

@@ -23,8 +23,9 @@ import trio.testing
 
 from ._client import BlockExit, client_connection, client_handshake, upgrade
 from ._connection import WebSocketConnection
+from ._request import WebSocketRequest
 from ._sansio.headers import HeaderPairs
-from ._server import Handler, WebSocketRequest, WebSocketServer
+from ._server import Handler, WebSocketServer
 from ._util import collapse_exception_groups, graceful_scope
 
 __all__ = ["open_handler_client", "open_websocket_pair"]
@@ -84,8 +85,7 @@ async def open_handler_client(
             left = BlockExit(body)
             try:
                 with body, left:
-                    server._handling += 1
-                    nursery.start_soon(server._handle_stream, server_stream)
+                    nursery.start_soon(server.serve_stream, server_stream)
                     await upgrade(client_stream, handshake)
                     conn = client_connection(
                         client_stream,
