@@ -12,7 +12,6 @@ import inspect
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from http.cookies import CookieError, SimpleCookie
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -272,19 +271,6 @@ class TokenAuth:
                     found = user
             return found
         return await _maybe_await(self._tokens(token))
-
-
-def parse_cookies(values: Sequence[str]) -> dict[str, str]:
-    """The cookies of every ``Cookie`` header; malformed ones are skipped."""
-    cookies: dict[str, str] = {}
-    for value in values:
-        jar: SimpleCookie = SimpleCookie()
-        try:
-            jar.load(value)
-        except CookieError:
-            continue
-        cookies.update({name: morsel.value for name, morsel in jar.items()})
-    return cookies
 
 
 # -- routes ----------------------------------------------------------------------

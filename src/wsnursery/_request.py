@@ -15,10 +15,9 @@ from typing import Any, TypeAlias
 import trio
 
 from ._connection import WebSocketConnection
-from ._handler import parse_cookies
 from ._sansio.exceptions import CloseCode, CloseReason, ConnectionClosed
 from ._sansio.handshake import RequestHead, ServerHandshake
-from ._sansio.headers import HeaderPairs, Headers
+from ._sansio.headers import HeaderPairs, Headers, parse_cookies
 from ._util import LazyAddresses
 
 __all__ = ["Admit", "WebSocketRequest"]

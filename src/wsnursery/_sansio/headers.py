@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from http.cookies import CookieError, SimpleCookie
 from urllib.parse import parse_qsl, urlsplit
 
 __all__ = [
     "HeaderPairs",
     "Headers",
     "check_client_request",
+    "parse_cookies",
     "parse_query",
     "raw_pairs",
     "split_target",
@@ -157,3 +159,16 @@ class Headers(Mapping[str, str]):
 
     def __repr__(self) -> str:
         return f"Headers({self.items_list()!r})"
+
+
+def parse_cookies(values: Sequence[str]) -> dict[str, str]:
+    """The cookies of every ``Cookie`` header; malformed ones are skipped."""
+    cookies: dict[str, str] = {}
+    for value in values:
+        jar: SimpleCookie = SimpleCookie()
+        try:
+            jar.load(value)
+        except CookieError:
+            continue
+        cookies.update({name: morsel.value for name, morsel in jar.items()})
+    return cookies
