@@ -30,6 +30,7 @@ connection BROKEN and closed: the stream cannot be resynchronised.
 
 from __future__ import annotations
 
+import enum
 import itertools
 import logging
 import math
@@ -49,11 +50,10 @@ from trio.lowlevel import (
 
 from ._exceptions import CloseCode, CloseReason, ConnectionClosed
 from ._headers import split_target
-from ._protocol import WORK_BUDGET, Frame, Message, Protocol, ProtocolState
+from ._protocol import WORK_BUDGET, Frame, Message, Protocol, ProtocolState, encode_frame
 from ._util import LazyAddresses
 
 if TYPE_CHECKING:
-    from ._broadcast import Outbox
     from ._handler import WebSocketHandler
     from ._headers import Headers
 
@@ -83,6 +83,131 @@ _NO_LOT = ParkingLot()
 
 def _frame_size(frame: Frame) -> int:
     return sum(len(part) for part in frame) if isinstance(frame, list) else len(frame)
+
+
+class Delivery(enum.Enum):
+    """What :meth:`WebSocketConnection._offer` did with a frame."""
+
+    DELIVERED = "delivered"  # the socket took all of it
+    QUEUED = "queued"  # queued in the outbox; the outbox writer writes it in order
+    DROPPED = "dropped"  # not taken: the outbox is full (the caller's policy decides)
+    CLOSED = "closed"  # the connection is closing or closed
+
+
+_DELIVERED = Delivery.DELIVERED
+_QUEUED = Delivery.QUEUED
+_DROPPED = Delivery.DROPPED
+_CLOSED = Delivery.CLOSED
+
+
+class OutboxLimits:
+    """What one sender of non-waiting frames (a broadcaster) gives every connection it offers to.
+
+    The bounds of each connection's outbox, the totals queued over all of them
+    (the outboxes keep these counts), and ``on_closed``, called once with the
+    connection when a connection whose outbox it made closes. ``owner`` only
+    names the sender in an error.
+    """
+
+    __slots__ = (
+        "max_bytes",
+        "max_messages",
+        "on_closed",
+        "owner",
+        "queued_bytes",
+        "queued_messages",
+    )
+
+    def __init__(
+        self,
+        max_messages: int,
+        max_bytes: int,
+        on_closed: Callable[[WebSocketConnection], None],
+        owner: object = None,
+    ) -> None:
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self.on_closed = on_closed
+        self.owner = owner
+        self.queued_messages = 0
+        self.queued_bytes = 0
+
+
+class PreparedMessage:
+    """A message to offer to many connections, framed once for all that share frames.
+
+    A server frame is unmasked and, without compression, the same for every
+    connection: it is encoded on first need and reused.
+    """
+
+    __slots__ = ("frame", "message", "size")
+
+    def __init__(self, message: Message) -> None:
+        self.message = message
+        self.frame: Frame | None = None
+        self.size = 0
+
+    def frame_for(self, proto: Protocol) -> Frame:
+        """The frame for a connection speaking ``proto``: the shared one if it can."""
+        if proto.shares_frames:
+            return self.shared()
+        return proto.frame_message(self.message)
+
+    def shared(self) -> Frame:
+        frame = self.frame
+        if frame is None:
+            frame = self.frame = encode_frame(self.message)
+            self.size = _frame_size(frame)
+        return frame
+
+
+class _Outbox:
+    """Frames waiting for one connection's socket, written in order by its outbox writer.
+
+    ``partial`` says the first queued buffer is the rest of a frame the socket
+    took only part of: it must be written before anything else, whatever the
+    overflow policy does. ``closing``: the sender's policy is closing the
+    connection; nothing more is queued.
+    """
+
+    __slots__ = ("closing", "count", "frames", "limits", "lot", "nbytes", "partial")
+
+    def __init__(self, limits: OutboxLimits) -> None:
+        self.limits = limits
+        self.frames: list[bytes | bytearray] = []
+        self.count = 0
+        self.nbytes = 0
+        self.partial = False
+        self.lot: ParkingLot | None = None  # set once the outbox writer is started
+        self.closing = False
+
+    def put(self, frame: Frame) -> None:
+        if isinstance(frame, list):
+            self.frames.extend(frame)
+        else:
+            self.frames.append(frame)
+        size = _frame_size(frame)
+        self.count += 1
+        self.nbytes += size
+        limits = self.limits
+        limits.queued_bytes += size
+        limits.queued_messages += 1
+
+    def take(self, last: Frame | None = None) -> list[bytes | bytearray]:
+        """Everything queued (then ``last``), leaving the outbox empty."""
+        frames = self.frames
+        self.frames = []
+        limits = self.limits
+        limits.queued_bytes -= self.nbytes
+        limits.queued_messages -= self.count
+        self.nbytes = self.count = 0
+        self.partial = False
+        if last is not None:
+            if isinstance(last, list):
+                frames.extend(last)
+            else:
+                frames.append(last)
+        return frames
 
 
 class _Transport:
@@ -300,8 +425,8 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
         # Made on first need: most sends never wait for the socket.
         self._send_lock: trio.StrictFIFOLock | None = None
         # Broadcast frames waiting for the socket, made on first need (see
-        # _broadcast.py): whoever writes next writes these first.
-        self._outbox: Outbox | None = None
+        # _offer): whoever writes next writes these first.
+        self._outbox: _Outbox | None = None
         self._pings: dict[bytes, trio.Event] = {}
         self._finished = trio.Event()
         self._transport_closed = False
@@ -768,6 +893,9 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
                     pass
         await self._close_transport()
 
+    async def _close_transport_shielded(self) -> None:
+        await _shielded(self._close_transport())
+
     async def _close_transport(self, why: str = "connection closed") -> None:
         """Close the stream and wake every waiter. Idempotent; never blocks long."""
         if self._transport_closed:
@@ -778,8 +906,12 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
             proto.abort(why)
         await self._transport.close()
         self._finished.set()
-        if self._outbox is not None:
-            self._outbox.connection_closed(self)
+        outbox = self._outbox
+        if outbox is not None:
+            outbox.take()
+            if outbox.lot is not None:
+                outbox.lot.unpark_all()
+            outbox.limits.on_closed(self)
         self._message_lot.unpark_all()
         for event in self._pings.values():
             event.set()  # ping() sees its payload still registered: closed
@@ -789,6 +921,23 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
     async def _write(self, data: bytes) -> None:
         """Write bytes already framed (pongs, close frames) in order with the rest."""
         await self._send_frame(bytes, data)
+
+    def _write_nowait(
+        self, make_frame: Callable[[Any], Frame], arg: Any
+    ) -> tuple[Frame, int] | None:
+        """The one "write now": frame and write what the socket takes, without blocking.
+
+        Only when nobody holds the send lock and nothing waits in the outbox;
+        otherwise None, and nothing is framed (the caller waits its turn, or
+        queues). Returns the frame and how many bytes of it the socket took;
+        the caller owns the rest. Raises the transport's errors.
+        """
+        lock = self._send_lock
+        outbox = self._outbox
+        if (lock is not None and lock.locked()) or (outbox is not None and outbox.frames):
+            return None
+        frame = make_frame(arg)
+        return frame, self._transport.try_send(frame)
 
     async def _send_frame(self, make_frame: Callable[[Any], Frame], arg: Any) -> None:
         """Frame with ``make_frame(arg)`` and write it, in order with every other frame.
@@ -801,15 +950,13 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
         """
         if self._transport_closed:
             raise self._closed_error()
-        lock = self._send_lock
-        outbox = self._outbox
-        if (lock is None or not lock.locked()) and (outbox is None or not outbox.frames):
-            data = make_frame(arg)
-            try:
-                sent = self._transport.try_send(data)
-            except _TRANSPORT_ERRORS as exc:
-                await self._send_broke(exc)
-            if sent != _frame_size(data):
+        try:
+            written = self._write_nowait(make_frame, arg)
+        except _TRANSPORT_ERRORS as exc:
+            await self._send_broke(exc)
+        if written is not None:
+            data, sent = written
+            if sent != (len(data) if type(data) is bytes else _frame_size(data)):
                 await self._finish_send(data, sent)
             return
         lock = self._writing_lock()
@@ -826,6 +973,132 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
                 await self._transmit(data, droppable=self._proto.frames_droppable)
         finally:
             lock.release()
+
+    # -- frames offered by a sender that never waits (a broadcaster) ----------
+
+    def _attach(self, limits: OutboxLimits) -> None:
+        """Let ``limits``' sender queue here (and hear of the close); only one ever may.
+
+        Raises:
+            ConnectionClosed: the connection is closing or closed.
+            ValueError: another sender's outbox is already attached.
+        """
+        if self._proto.state is not _OPEN or self._transport_closed:
+            raise self._closed_error()
+        self._outbox_for(limits)
+
+    def _outbox_for(self, limits: OutboxLimits) -> _Outbox:
+        outbox = self._outbox
+        if outbox is None:
+            outbox = self._outbox = _Outbox(limits)
+        elif outbox.limits is not limits:
+            raise ValueError(f"{self!r} already belongs to {outbox.limits.owner!r}")
+        return outbox
+
+    def _offer(self, prepared: PreparedMessage, limits: OutboxLimits) -> Delivery:
+        """Write ``prepared`` now, or queue it for the outbox writer; never wait.
+
+        The non-waiting twin of :meth:`_send_frame`: the same order (whoever
+        writes takes the outbox first, holding the send lock), the same
+        framing rule (a compressed frame is framed when it is queued, the
+        order it is written in). A full outbox takes nothing: DROPPED, and the
+        sender's policy decides (see :meth:`_shed`).
+        """
+        proto = self._proto
+        if proto.state is not _OPEN or self._transport_closed:
+            return _CLOSED
+        outbox = self._outbox
+        if outbox is not None and outbox.closing:
+            return _CLOSED
+        try:
+            written = self._write_nowait(prepared.frame_for, proto)
+        except _TRANSPORT_ERRORS as exc:
+            proto.send_failed(f"transport failed while broadcasting: {exc!r}")
+            self._spawn(self._close_transport_shielded)
+            return _CLOSED
+        if written is not None:
+            frame, sent = written
+            if sent == (prepared.size if frame is prepared.frame else _frame_size(frame)):
+                return _DELIVERED
+            outbox = self._outbox_for(limits)
+            if sent:
+                outbox.put((b"".join(frame) if isinstance(frame, list) else frame)[sent:])
+                outbox.partial = True
+            else:
+                outbox.put(frame)
+            return self._wake_writer(outbox)
+        outbox = self._outbox_for(limits)
+        if proto.shares_frames:
+            shared: Frame | None = prepared.shared()
+            estimate = prepared.size
+        else:
+            shared = None
+            estimate = len(prepared.message)
+        if outbox.frames and (
+            outbox.count >= limits.max_messages or outbox.nbytes + estimate > limits.max_bytes
+        ):
+            return _DROPPED
+        # A compression context advances only for a frame that will be sent.
+        outbox.put(proto.frame_message(prepared.message) if shared is None else shared)
+        return self._wake_writer(outbox)
+
+    def _wake_writer(self, outbox: _Outbox) -> Delivery:
+        lot = outbox.lot
+        if lot is not None:
+            lot.unpark()
+            return _QUEUED
+        if not self._spawn(self._outbox_writer, outbox, name="wsnursery outbox writer"):
+            outbox.take()
+            return _CLOSED
+        outbox.lot = ParkingLot()  # the writer reads it when it first runs
+        return _QUEUED
+
+    async def _outbox_writer(self, outbox: _Outbox) -> None:
+        """Write what the outbox holds whenever it holds something, until the connection ends."""
+        lot = outbox.lot
+        assert lot is not None
+        try:
+            while not self._transport_closed:
+                if not outbox.frames:
+                    await lot.park()
+                    continue
+                async with self._writing_lock():
+                    if outbox.frames and not self._transport_closed:
+                        await self._transmit(outbox.take())
+        except ConnectionClosed:
+            pass
+
+    def _shed(self, code: int, reason: str) -> tuple[int, int]:
+        """Close for a sender whose frames pile up: drop the queue, start closing.
+
+        Keeps only a frame already partly written (the stream must stay in
+        sync for the close frame). Returns the frames and bytes that were
+        queued.
+        """
+        outbox = self._outbox
+        assert outbox is not None
+        outbox.closing = True
+        queued = (outbox.count, outbox.nbytes)
+        partial = outbox.partial
+        frames = outbox.take()
+        if partial:
+            outbox.put(frames[0])
+            outbox.partial = True
+        self._spawn(self.aclose, code, reason)
+        return queued
+
+    def _spawn(
+        self, async_fn: Callable[..., Awaitable[object]], *args: object, name: str | None = None
+    ) -> bool:
+        """Start a task in this connection's nursery; False when it has none or it is closing."""
+        nursery = self._nursery
+        if nursery is None:
+            return False
+        try:
+            nursery.start_soon(async_fn, *args, name=name)
+        except RuntimeError:  # the connection's nursery is closing
+            return False
+        return True
 
     def _writing_lock(self) -> trio.StrictFIFOLock:
         """The lock held by whoever writes frames, made on first need."""
@@ -910,19 +1183,7 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
         proto = self._proto
         if proto.state is not _OPEN or self._transport_closed:
             raise self._closed_error()
-        lock = self._send_lock
-        outbox = self._outbox
-        if (lock is not None and lock.locked()) or (outbox is not None and outbox.frames):
-            await self._send_frame(self._frame_message, message)
-        else:
-            # The common case, inline: frame and write without blocking.
-            data = proto.frame_message(message)
-            try:
-                sent = self._transport.try_send(data)
-            except _TRANSPORT_ERRORS as exc:
-                await self._send_broke(exc)
-            if sent != (len(data) if type(data) is bytes else _frame_size(data)):
-                await self._finish_send(data, sent)
+        await self._send_frame(self._frame_message, message)
         self._calls_since_yield += 1
         if self._calls_since_yield >= _YIELD_EVERY:
             self._calls_since_yield = 0
