@@ -11,21 +11,29 @@ caller provides (the server's per-connection nursery, or the one
 ``open_websocket`` opens), and neither ever raises: a failure is recorded as the
 close reason and ends the connection.
 
+Both read loops, the reader of the function API (``_reader``) and the hook
+loop of a handler object (``_dispatch``), are made of one *read step*,
+``_read_once``: read, feed the protocol, flush its answers, wake the waiters.
 A read only waits when the socket is empty, so a peer that keeps it full would
 keep a read loop from ever yielding: the protocol parses at most WORK_BUDGET
-frames (or 1 MiB) per step, and both read loops (``_reader``, ``_dispatch``)
-reach a schedule point before the next step.
+frames (or 1 MiB) per step, and the step reaches a schedule point when that
+budget is spent.
 
 Receiving is bounded: when ``max_queue`` messages wait unread, the reader stops
 reading the socket, so TCP flow control slows the peer down. Frames that came in
 the same read as the message that filled the queue (pings, the close frame) are
 still answered.
 
-Sending frames a message and writes it in the caller's task. On a plain TCP
-socket the write is a non-blocking ``send()``; only when the kernel buffer is full
-does the caller wait (for writability), holding a FIFO lock so that frames never
-interleave. A send cancelled after part of a frame went out leaves the
-connection BROKEN and closed: the stream cannot be resynchronised.
+The connection owns every byte it writes, through one path: ``_write_nowait``
+frames and writes at once, without blocking, when nobody holds the send lock and
+no frame waits in the outbox. On a plain TCP socket that is one non-blocking
+``write``/``writev``. What the socket does not take, a waiting sender
+(``send_message``, ping, pong, the close frame) writes in its own task, holding
+a FIFO lock so that frames never interleave; a sender that never waits (a
+broadcaster, through ``_offer``) queues it in the connection's outbox, which an
+outbox writer task writes in order. Whoever writes takes the outbox first. A
+send cancelled after part of a frame went out leaves the connection BROKEN and
+closed: the stream cannot be resynchronised.
 """
 
 from __future__ import annotations
@@ -260,16 +268,22 @@ class _SocketTransport(_Transport):
         self.fd = stream.socket.fileno()
 
     async def receive(self) -> bytes | bytearray | memoryview:
-        while True:
-            fd = self.fd
-            if fd < 0:
-                raise trio.ClosedResourceError("connection closed")
-            try:
-                n = os.readv(fd, _SHARED_BUFFERS)
-            except BlockingIOError:
-                await wait_readable(fd)
-                continue
-            return _SHARED_VIEW[:n]
+        data = self.receive_nowait()
+        while data is None:
+            await wait_readable(self.fd)
+            data = self.receive_nowait()
+        return data
+
+    def receive_nowait(self) -> memoryview | None:
+        """What the socket holds (in the shared buffer: use it before any await), or None."""
+        fd = self.fd
+        if fd < 0:
+            raise trio.ClosedResourceError("connection closed")
+        try:
+            n = os.readv(fd, _SHARED_BUFFERS)
+        except BlockingIOError:
+            return None
+        return _SHARED_VIEW[:n]
 
     def try_send(self, data: Frame) -> int:
         fd = self.fd
@@ -498,15 +512,17 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
             nursery.start_soon(self._keepalive, name="wsnursery keep-alive")
 
     async def _reader(self) -> None:
+        """The function API's reader: read steps until the end, pausing on a full queue."""
         proto = self._proto
-        transport = self._transport
         try:
             if self._trailing:
-                proto.receive_data(self._trailing)
-                self._trailing = b""
-                await self._after_receive()
+                trailing, self._trailing = self._trailing, b""
+                await self._read_once(trailing)
             while not self._transport_closed:
-                if proto.state is ProtocolState.CLOSED and not proto.transport_should_close:
+                if proto.transport_should_close:
+                    await self._close_transport()
+                    break
+                if proto.state is ProtocolState.CLOSED:
                     # The client waits for the server to close TCP (RFC 6455
                     # 7.1.1), but not for longer than close_timeout.
                     await self._wait_for_eof()
@@ -516,18 +532,7 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
                     await self._message_lot.park()
                     self._reader_paused = False
                     continue
-                if proto.budget <= 0:
-                    # A peer that keeps the socket full never makes the read
-                    # wait: yield every WORK_BUDGET frames (or 1 MiB) instead.
-                    await checkpoint()
-                    proto.resume()
-                else:
-                    data = await transport.receive()
-                    proto.receive_data(data)
-                if proto._out or proto.pongs or proto.transport_should_close:
-                    await self._after_receive()
-                elif proto.messages and self._message_lot:
-                    self._message_lot.unpark_all()
+                await self._read_once()
         except _TRANSPORT_ERRORS as exc:
             if not self._transport_closed:
                 logger.debug("transport failed: %r", exc)
@@ -535,6 +540,49 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
         finally:
             # Cancelled or done: the connection ends with this task.
             await self._close_transport()
+
+    async def _read_once(self, data: bytes | memoryview | None = None) -> None:
+        """One read step: read, feed the protocol, flush its answers, wake the waiters.
+
+        Both read loops (``_reader``, ``_dispatch``) are made of these steps,
+        and ``data`` given (bytes that came with the handshake) is fed instead
+        of a read. The protocol parses at most WORK_BUDGET frames (or 1 MiB)
+        per step: when the budget is spent, the step is a schedule point and
+        parsing resumes, so a peer that keeps the socket full (and the read
+        from ever waiting) cannot starve other tasks. Pongs and the close echo
+        are written before anything else happens on the connection, in the
+        order the pings came. Closing the transport once the protocol says so
+        is left to the loop: a handler object still gets the messages that
+        came before the close frame.
+        """
+        proto = self._proto
+        if data is not None:
+            proto.receive_data(data)
+        elif proto.budget <= 0:
+            await checkpoint()
+            proto.resume()
+        else:
+            transport = self._transport
+            if type(transport) is _SocketTransport:
+                # _SocketTransport.receive, with the wait in this frame: every
+                # idle connection holds its task's stack, one frame less.
+                data = transport.receive_nowait()
+                while data is None:
+                    await wait_readable(transport.fd)
+                    proto.budget = WORK_BUDGET  # we waited: that was a schedule point
+                    data = transport.receive_nowait()
+                proto.receive_data(data)
+            else:
+                proto.receive_data(await transport.receive())
+        if proto._out:
+            try:
+                await self._write(proto.data_to_send())
+            except ConnectionClosed:
+                pass
+        if proto.pongs:
+            self._ack_pongs()
+        if proto.messages and self._message_lot:
+            self._message_lot.unpark_all()
 
     # -- handler objects: one task reads and calls the hooks -----------------
 
@@ -547,63 +595,31 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
         self._handler = handler
         self._dispatch_task = trio.lowlevel.current_task()
         proto = self._proto
-        transport = self._transport
-        fd_mode = type(transport) is _SocketTransport
         try:
             if await self._call_hook(handler.on_connect) and self._trailing:
-                proto.receive_data(self._trailing)
-                self._trailing = b""
+                trailing, self._trailing = self._trailing, b""
+                await self._read_once(trailing)
             while not self._transport_closed:
-                if proto._out:
-                    # Pongs (and a close echo) first: a ping answered in the order
-                    # it came, before the replies to messages that came after it.
-                    try:
-                        await self._write(proto.data_to_send())
-                    except ConnectionClosed:
-                        pass
-                    continue
                 if proto.messages or (
                     proto.close_received is not None and not self._close_hook_done
                 ):
                     await self._deliver()
                     continue
-                if proto.pongs or proto.transport_should_close:
-                    await self._after_receive()
-                    continue
+                if proto.transport_should_close:
+                    await self._close_transport()
+                    break
                 if proto.state is ProtocolState.CLOSED:
                     await self._wait_for_eof()
                     break
-                if proto.budget <= 0:
-                    # The socket kept us busy since the last wait: let other
-                    # tasks run before parsing on (see Protocol.receive_data).
-                    await checkpoint()
-                    proto.resume()
-                    continue
                 if proto.state is ProtocolState.CLOSING:
                     # We sent the close frame (a hook failed, or aclose from a
                     # hook): wait for the answer, but not forever.
                     with trio.move_on_at(self._close_deadline) as scope:
-                        data = await transport.receive()
+                        await self._read_once()
                     if scope.cancelled_caught:
                         break
-                elif fd_mode:
-                    # _SocketTransport.receive, inlined: every idle connection
-                    # holds this task's stack, and this saves one frame of it.
-                    while True:
-                        fd = transport.fd  # type: ignore[attr-defined]
-                        if fd < 0:
-                            raise trio.ClosedResourceError("connection closed")
-                        try:
-                            n = os.readv(fd, _SHARED_BUFFERS)
-                        except BlockingIOError:
-                            await wait_readable(fd)
-                            proto.budget = WORK_BUDGET  # we waited: a schedule point
-                            continue
-                        data = _SHARED_VIEW[:n]
-                        break
                 else:
-                    data = await transport.receive()
-                proto.receive_data(data)
+                    await self._read_once()
         except _TRANSPORT_ERRORS as exc:
             if not self._transport_closed:
                 proto.fail(CloseCode.ABNORMAL_CLOSURE, f"transport failed: {exc!r}")
@@ -785,21 +801,6 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
             # the deadline from firing (the socket read never waits then).
             while await self._transport.receive():
                 await checkpoint()
-
-    async def _after_receive(self) -> None:
-        proto = self._proto
-        out = proto.data_to_send()
-        if out:
-            try:
-                await self._write(out)
-            except ConnectionClosed:
-                pass
-        if proto.messages and self._message_lot:
-            self._message_lot.unpark_all()
-        if proto.pongs:
-            self._ack_pongs()
-        if proto.transport_should_close:
-            await self._close_transport()
 
     def _ack_pongs(self) -> None:
         # A pong acknowledges its ping and every ping sent before it.
