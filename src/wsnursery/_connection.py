@@ -369,12 +369,11 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
         "_message_lot",
         "_nursery",
         "_outbox",
-        "_paused_during_ping",
+        "_pauses",
         "_ping_interval",
         "_ping_timeout",
         "_pings",
         "_proto",
-        "_reader_paused",
         "_send_lock",
         "_stream",
         "_trailing",
@@ -444,8 +443,11 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
         self._pings: dict[bytes, trio.Event] = {}
         self._finished = trio.Event()
         self._transport_closed = False
-        self._reader_paused = False
-        self._paused_during_ping = False
+        # Counts the reader's pauses, each begun and ended (odd: paused now).
+        # The keep-alive compares it across a ping: a reader that paused at
+        # any time during the ping may have missed the pong through no fault
+        # of the peer.
+        self._pauses = 0
         self._calls_since_yield = 0
         self._keepalive_busy = False
         self._nursery: trio.Nursery | None = None
@@ -528,9 +530,9 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
                     await self._wait_for_eof()
                     break
                 if len(proto.messages) >= self._max_queue and proto.state is _OPEN:
-                    self._reader_paused = self._paused_during_ping = True
+                    self._pauses += 1
                     await self._message_lot.park()
-                    self._reader_paused = False
+                    self._pauses += 1
                     continue
                 await self._read_once()
         except _TRANSPORT_ERRORS as exc:
@@ -642,7 +644,7 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
         proto = self._proto
         messages = proto.messages
         # While a hook runs nothing is read: the keep-alive must not blame the peer.
-        self._reader_paused = self._paused_during_ping = True
+        self._pauses += 1
         try:
             while messages:
                 message = messages.popleft()
@@ -658,7 +660,12 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
                 self._close_hook_done = True
                 await self._call_hook(self._hooks().on_close_message, proto.close_received)
         finally:
-            self._reader_paused = False
+            self._pauses += 1
+
+    @property
+    def _reader_paused(self) -> bool:
+        """True while the reader does not read: a full queue, or a hook running."""
+        return bool(self._pauses & 1)
 
     def _hooks(self) -> WebSocketHandler:
         assert self._handler is not None
@@ -834,7 +841,7 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
         if self._ping_interval is None or self._proto.state is not _OPEN or self._keepalive_busy:
             return False
         lock = self._send_lock
-        return (lock is not None and lock.locked()) or not self._reader_paused
+        return (lock is not None and lock.locked()) or not self._pauses & 1
 
     async def _keepalive_once(self) -> None:
         """Ping; if no pong comes within ping_timeout, fail the connection with 1011.
@@ -844,7 +851,7 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
         within ping_timeout is failed with 1011 the same way.
         """
         self._keepalive_busy = True
-        self._paused_during_ping = False
+        pauses = self._pauses
         lock = self._send_lock
         if lock is not None and lock.locked():
             try:
@@ -859,7 +866,7 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
             return
         finally:
             self._keepalive_busy = False
-        if scope.cancelled_caught and not self._paused_during_ping:
+        if scope.cancelled_caught and self._pauses == pauses:
             logger.info("keep-alive ping timeout on %s; closing", self.remote)
             await self._fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
 
@@ -1225,7 +1232,7 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
                 continue
             await self._message_lot.park()
         message = messages.popleft()
-        if self._reader_paused and len(messages) < self._max_queue:
+        if self._pauses & 1 and len(messages) < self._max_queue:
             self._message_lot.unpark_all()
         self._calls_since_yield += 1
         if self._calls_since_yield >= _YIELD_EVERY:
