@@ -44,7 +44,7 @@ import logging
 import math
 import os
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 import trio
 from trio.lowlevel import (
@@ -91,6 +91,16 @@ _NO_LOT = ParkingLot()
 
 def _frame_size(frame: Frame) -> int:
     return sum(len(part) for part in frame) if isinstance(frame, list) else len(frame)
+
+
+class _Busy(enum.Enum):
+    BUSY = "busy"
+
+
+#: ``_write_nowait``'s answer when someone else is writing or frames wait.
+_BUSY: Final = _Busy.BUSY
+#: What ``_write_nowait`` left: None (all written), _BUSY, or (frame, bytes sent).
+_Rest = tuple[Frame, int] | _Busy | None
 
 
 class Delivery(enum.Enum):
@@ -583,8 +593,9 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
                 pass
         if proto.pongs:
             self._ack_pongs()
-        if proto.messages and self._message_lot:
-            self._message_lot.unpark_all()
+        lot = self._message_lot
+        if proto.messages and lot is not _NO_LOT and lot:
+            lot.unpark_all()
 
     # -- handler objects: one task reads and calls the hooks -----------------
 
@@ -651,7 +662,8 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
                 sent = proto.close_sent
                 if sent is not None and not sent.initiated_by_peer:
                     continue  # we are closing (a hook failed or closed): drop the rest
-                handler = self._hooks()
+                handler = self._handler
+                assert handler is not None
                 if type(message) is str:
                     await self._call_hook(handler.on_text, message)
                 else:
@@ -930,22 +942,24 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
         """Write bytes already framed (pongs, close frames) in order with the rest."""
         await self._send_frame(bytes, data)
 
-    def _write_nowait(
-        self, make_frame: Callable[[Any], Frame], arg: Any
-    ) -> tuple[Frame, int] | None:
+    def _write_nowait(self, make_frame: Callable[[Any], Frame], arg: Any) -> _Rest:
         """The one "write now": frame and write what the socket takes, without blocking.
 
         Only when nobody holds the send lock and nothing waits in the outbox;
-        otherwise None, and nothing is framed (the caller waits its turn, or
-        queues). Returns the frame and how many bytes of it the socket took;
-        the caller owns the rest. Raises the transport's errors.
+        otherwise nothing is framed and the answer is ``_BUSY`` (the caller
+        waits its turn, or queues). None: the socket took the whole frame.
+        Otherwise the frame and how many bytes of it the socket took; the
+        caller owns the rest. Raises the transport's errors.
         """
         lock = self._send_lock
         outbox = self._outbox
         if (lock is not None and lock.locked()) or (outbox is not None and outbox.frames):
-            return None
+            return _BUSY
         frame = make_frame(arg)
-        return frame, self._transport.try_send(frame)
+        sent = self._transport.try_send(frame)
+        if sent == (len(frame) if type(frame) is bytes else _frame_size(frame)):
+            return None
+        return frame, sent
 
     async def _send_frame(self, make_frame: Callable[[Any], Frame], arg: Any) -> None:
         """Frame with ``make_frame(arg)`` and write it, in order with every other frame.
@@ -959,13 +973,16 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
         if self._transport_closed:
             raise self._closed_error()
         try:
-            written = self._write_nowait(make_frame, arg)
+            rest = self._write_nowait(make_frame, arg)
         except _TRANSPORT_ERRORS as exc:
             await self._send_broke(exc)
-        if written is not None:
-            data, sent = written
-            if sent != (len(data) if type(data) is bytes else _frame_size(data)):
-                await self._finish_send(data, sent)
+        if rest is not None:
+            await self._send_rest(rest, make_frame, arg)
+
+    async def _send_rest(self, rest: _Rest, make_frame: Callable[[Any], Frame], arg: Any) -> None:
+        """What a waiting sender does when ``_write_nowait`` did not write it all."""
+        if isinstance(rest, tuple):
+            await self._finish_send(*rest)
             return
         lock = self._writing_lock()
         await lock.acquire()  # cancelled while queued: nothing framed, nothing lost
@@ -1019,15 +1036,15 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
         if outbox is not None and outbox.closing:
             return _CLOSED
         try:
-            written = self._write_nowait(prepared.frame_for, proto)
+            rest = self._write_nowait(prepared.frame_for, proto)
         except _TRANSPORT_ERRORS as exc:
             proto.send_failed(f"transport failed while broadcasting: {exc!r}")
             self._spawn(self._close_transport_shielded)
             return _CLOSED
-        if written is not None:
-            frame, sent = written
-            if sent == (prepared.size if frame is prepared.frame else _frame_size(frame)):
-                return _DELIVERED
+        if rest is None:
+            return _DELIVERED
+        if isinstance(rest, tuple):
+            frame, sent = rest
             outbox = self._outbox_for(limits)
             if sent:
                 outbox.put((b"".join(frame) if isinstance(frame, list) else frame)[sent:])
@@ -1191,7 +1208,13 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
         proto = self._proto
         if proto.state is not _OPEN or self._transport_closed:
             raise self._closed_error()
-        await self._send_frame(self._frame_message, message)
+        # _send_frame, inline: the common case costs no coroutine.
+        try:
+            rest = self._write_nowait(proto.frame_message, message)
+        except _TRANSPORT_ERRORS as exc:
+            await self._send_broke(exc)
+        if rest is not None:
+            await self._send_rest(rest, self._frame_message, message)
         self._calls_since_yield += 1
         if self._calls_since_yield >= _YIELD_EVERY:
             self._calls_since_yield = 0
