@@ -165,12 +165,6 @@ class PreparedMessage:
         self.frame: Frame | None = None
         self.size = 0
 
-    def frame_for(self, proto: Protocol) -> Frame:
-        """The frame for a connection speaking ``proto``: the shared one if it can."""
-        if proto.shares_frames:
-            return self.shared()
-        return proto.frame_message(self.message)
-
     def shared(self) -> Frame:
         frame = self.frame
         if frame is None:
@@ -942,20 +936,21 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
         """Write bytes already framed (pongs, close frames) in order with the rest."""
         await self._send_frame(bytes, data)
 
-    def _write_nowait(self, make_frame: Callable[[Any], Frame], arg: Any) -> _Rest:
+    def _write_nowait(self, make_frame: Callable[[Any], Frame] | None, arg: Any) -> _Rest:
         """The one "write now": frame and write what the socket takes, without blocking.
 
         Only when nobody holds the send lock and nothing waits in the outbox;
         otherwise nothing is framed and the answer is ``_BUSY`` (the caller
-        waits its turn, or queues). None: the socket took the whole frame.
-        Otherwise the frame and how many bytes of it the socket took; the
-        caller owns the rest. Raises the transport's errors.
+        waits its turn, or queues). ``make_frame`` None: ``arg`` is the frame.
+        None: the socket took the whole frame. Otherwise the frame and how
+        many bytes of it the socket took; the caller owns the rest. Raises the
+        transport's errors.
         """
         lock = self._send_lock
         outbox = self._outbox
         if (lock is not None and lock.locked()) or (outbox is not None and outbox.frames):
             return _BUSY
-        frame = make_frame(arg)
+        frame = arg if make_frame is None else make_frame(arg)
         sent = self._transport.try_send(frame)
         if sent == (len(frame) if type(frame) is bytes else _frame_size(frame)):
             return None
@@ -1036,7 +1031,12 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
         if outbox is not None and outbox.closing:
             return _CLOSED
         try:
-            rest = self._write_nowait(prepared.frame_for, proto)
+            if proto.shares_frames:
+                # Encoded once for every connection that shares it.
+                frame = prepared.frame
+                rest = self._write_nowait(None, prepared.shared() if frame is None else frame)
+            else:
+                rest = self._write_nowait(proto.frame_message, prepared.message)
         except _TRANSPORT_ERRORS as exc:
             proto.send_failed(f"transport failed while broadcasting: {exc!r}")
             self._spawn(self._close_transport_shielded)
