@@ -589,3 +589,23 @@ async def test_standalone_broadcaster_whose_backplane_fails_raises_one_plain_err
     with pytest.raises(OSError, match="unreachable"):
         async with Broadcaster(backplane=Failing()):
             pytest.fail("the block must not run")
+
+
+def test_the_connection_owns_its_writes_and_the_broadcaster_only_offers() -> None:
+    """The seam: _connection never imports _broadcast, and the broadcaster calls
+    three connection methods (offer, attach, shed) and reads no connection state."""
+    import ast
+    import re
+    from pathlib import Path
+
+    import wsnursery._broadcast
+    import wsnursery._connection
+
+    tree = ast.parse(Path(wsnursery._connection.__file__).read_text())
+    imported = {
+        node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+    }
+    assert not any(name.endswith("_broadcast") for name in imported), imported
+    source = Path(wsnursery._broadcast.__file__).read_text()
+    reaches = set(re.findall(r"\bconn\._(\w+)", source))
+    assert reaches <= {"offer", "attach", "shed"}, reaches

@@ -4,23 +4,26 @@ Theory of operation
 -------------------
 See ``docs/topics/broadcast.rst`` for the picture. In short:
 
-* A send walks its recipients synchronously in the sender's task. For each
-  open connection whose outbox is empty and whose socket nobody is writing, it
-  writes the frame with one non-blocking ``write``. What the socket does not
-  take (all of it, or the rest of a partly written frame) goes into the
-  connection's :class:`Outbox`, and the connection's *outbox writer*, a task in
-  the connection's nursery started on first need, writes it when the socket
-  drains.
-* An outbox is bounded by messages and by bytes. When a frame does not fit,
-  the broadcaster's policy decides: ``"drop"`` skips this message for this
-  client, ``"close"`` discards the client's queue and closes it (1008 by
-  default). The sender never waits.
-* Everything that writes to a connection (its own ``send_message``, pongs,
-  the close frame, the outbox writer) writes the outbox first, holding the
-  connection's send lock, so frames go out in the order they were framed.
-* A server frame is unmasked: one encoding serves every connection without a
-  compression context. A compressed connection gets its own frame, framed when
-  it is queued, which is the order it is written in.
+* A send walks its recipients synchronously in the sender's task and offers
+  each the message: ``conn._offer(prepared, limits)`` returns a
+  :class:`~wsnursery._connection.Delivery`. The connection owns every byte it
+  writes: it writes the frame at once with one non-blocking ``write`` when its
+  outbox is empty and nobody holds its send lock, or queues what the socket
+  does not take in its outbox, which its *outbox writer* (a task in the
+  connection's nursery, started on first need) writes when the socket drains.
+  Frames go out in the order they were framed; see ``_connection.py``.
+* An outbox is bounded by the broadcaster's :class:`OutboxLimits`, in messages
+  and in bytes. When a frame does not fit, the connection takes nothing
+  (``DROPPED``) and the broadcaster's policy decides: ``"drop"`` skips this
+  message for this client, ``"close"`` has the connection discard its queue
+  and close (1008 by default). The sender never waits.
+* The broadcaster keeps its own membership (connections, groups) and learns
+  that a connection closed from the ``on_closed`` callback of its limits,
+  which the connection calls once. It reads no connection's private state.
+* A server frame is unmasked: one encoding (a :class:`PreparedMessage`) serves
+  every connection without a compression context. A compressed connection
+  gets its own frame, framed when it is queued, which is the order it is
+  written in.
 * Every send also hands an :class:`Envelope` to the :class:`Backplane`, which
   carries it to broadcasters elsewhere (another server in this process with
   :class:`MemoryBackplane`; other processes with a Redis backplane).
@@ -31,23 +34,23 @@ from __future__ import annotations
 import abc
 import logging
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Mapping
+from collections.abc import AsyncIterator, Collection, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal
 
 import trio
-from trio.lowlevel import ParkingLot, cancel_shielded_checkpoint, checkpoint_if_cancelled
+from trio.lowlevel import cancel_shielded_checkpoint, checkpoint_if_cancelled
 
 from ._connection import (
-    _TRANSPORT_ERRORS,
+    Delivery,
+    OutboxLimits,
+    PreparedMessage,
     WebSocketConnection,
-    _frame_size,
-    _shielded,
 )
-from ._sansio.exceptions import CloseCode, ConnectionClosed
-from ._sansio.protocol import Frame, Message, ProtocolState, encode_frame
+from ._sansio.exceptions import CloseCode
+from ._sansio.protocol import Message
 from ._util import collapse_exception_groups
 
 __all__ = [
@@ -62,10 +65,10 @@ __all__ = [
 
 logger = logging.getLogger("wsnursery.broadcast")
 
-_OPEN = ProtocolState.OPEN
 OverflowPolicy = Literal["drop", "close"]
-# Outcomes of delivering to one connection.
-_DELIVERED, _DROPPED, _CLOSED = 0, 1, 2
+_DELIVERED = Delivery.DELIVERED
+_QUEUED = Delivery.QUEUED
+_DROPPED = Delivery.DROPPED
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,86 +137,6 @@ class Envelope:
     target: str | None = None
     exclude: frozenset[str] = frozenset()
     origin: str = ""
-
-
-class Outbox:
-    """Frames waiting for one connection's socket, and its group memberships.
-
-    ``partial`` says the first queued buffer is the rest of a frame the socket
-    took only part of: it must be written before anything else, whatever the
-    overflow policy does.
-    """
-
-    __slots__ = (
-        "broadcaster",
-        "closing",
-        "count",
-        "frames",
-        "groups",
-        "lot",
-        "nbytes",
-        "partial",
-    )
-
-    def __init__(self, broadcaster: Broadcaster) -> None:
-        self.broadcaster = broadcaster
-        self.frames: list[bytes | bytearray] = []
-        self.count = 0
-        self.nbytes = 0
-        self.partial = False
-        self.groups: set[str] = set()
-        self.lot: ParkingLot | None = None  # set once the outbox writer is started
-        self.closing = False
-
-    def put(self, frame: Frame) -> None:
-        if isinstance(frame, list):
-            self.frames.extend(frame)
-        else:
-            self.frames.append(frame)
-        size = _frame_size(frame)
-        self.count += 1
-        self.nbytes += size
-        self.broadcaster._queued_bytes += size
-        self.broadcaster._queued_messages += 1
-
-    def take(self, last: Frame | None = None) -> list[bytes | bytearray]:
-        """Everything queued (then ``last``), leaving the outbox empty."""
-        frames = self.frames
-        self.frames = []
-        b = self.broadcaster
-        b._queued_bytes -= self.nbytes
-        b._queued_messages -= self.count
-        self.nbytes = self.count = 0
-        self.partial = False
-        if last is not None:
-            if isinstance(last, list):
-                frames.extend(last)
-            else:
-                frames.append(last)
-        return frames
-
-    def connection_closed(self, conn: WebSocketConnection) -> None:
-        """Called by the connection when its transport closes: forget it everywhere."""
-        self.take()
-        self.broadcaster._forget(conn, self)
-        if self.lot is not None:
-            self.lot.unpark_all()
-
-
-async def _outbox_writer(conn: WebSocketConnection, outbox: Outbox) -> None:
-    """Write what the outbox holds whenever it holds something, until the connection ends."""
-    lot = outbox.lot
-    assert lot is not None
-    try:
-        while not conn._transport_closed:
-            if not outbox.frames:
-                await lot.park()
-                continue
-            async with conn._writing_lock():
-                if outbox.frames and not conn._transport_closed:
-                    await conn._transmit(outbox.take())
-    except ConnectionClosed:
-        pass
 
 
 class Backplane(abc.ABC):
@@ -341,17 +264,20 @@ class Broadcaster:
         if on_overflow not in ("drop", "close"):
             raise ValueError(f"on_overflow must be 'drop' or 'close', not {on_overflow!r}")
         self.backplane = backplane
-        self.max_outbox_messages = max_outbox_messages
-        self.max_outbox_bytes = max_outbox_bytes
+        # The outbox bounds and the queued totals, shared with every connection
+        # that queues for this broadcaster (see WebSocketConnection._offer).
+        self._limits = OutboxLimits(
+            max_outbox_messages, max_outbox_bytes, self._connection_closed, self
+        )
         self.on_overflow: OverflowPolicy = on_overflow
         self.overflow_close_code = int(overflow_close_code)
         self.overflow_close_reason = overflow_close_reason
         self.node_id = secrets.token_hex(6)
         self._connections: dict[str, WebSocketConnection] = {}
         self._groups: dict[str, dict[str, WebSocketConnection]] = {}
+        # The groups each connection is in (only connections in some group).
+        self._memberships: dict[WebSocketConnection, set[str]] = {}
         self._cm: AbstractAsyncContextManager[Broadcaster] | None = None
-        self._queued_messages = 0
-        self._queued_bytes = 0
         self._delivered = 0
         self._dropped = 0
         self._closed = 0
@@ -363,6 +289,24 @@ class Broadcaster:
             f"<Broadcaster {self.node_id} connections={len(self._connections)} "
             f"groups={len(self._groups)}>"
         )
+
+    @property
+    def max_outbox_messages(self) -> int:
+        """Frames a connection's outbox holds at most."""
+        return self._limits.max_messages
+
+    @max_outbox_messages.setter
+    def max_outbox_messages(self, value: int) -> None:
+        self._limits.max_messages = value
+
+    @property
+    def max_outbox_bytes(self) -> int:
+        """Bytes a connection's outbox holds at most."""
+        return self._limits.max_bytes
+
+    @max_outbox_bytes.setter
+    def max_outbox_bytes(self, value: int) -> None:
+        self._limits.max_bytes = value
 
     @staticmethod
     def node_of(connection_id: str) -> str | None:
@@ -437,16 +381,12 @@ class Broadcaster:
         A server's broadcaster already has every connection of the server. A
         connection leaves by itself when it ends.
         """
-        if conn._proto.state is not _OPEN or conn._transport_closed:
-            raise conn._closed_error()
-        self._outbox_of(conn)
+        conn._attach(self._limits)
         self._connections[conn.id] = conn
 
     def discard(self, conn: WebSocketConnection) -> None:
         """Remove ``conn`` from this broadcaster and all its groups (no error if absent)."""
-        outbox = conn._outbox
-        if outbox is not None and outbox.broadcaster is self:
-            self._forget(conn, outbox)
+        self._connection_closed(conn)
 
     def join(self, conn: WebSocketConnection, group: str) -> None:
         """Add ``conn`` to ``group`` (made on first member). Joining twice is harmless.
@@ -454,22 +394,25 @@ class Broadcaster:
         Raises:
             ConnectionClosed: ``conn`` is closing or closed.
         """
-        if conn._proto.state is not _OPEN or conn._transport_closed:
-            raise conn._closed_error()
-        outbox = self._outbox_of(conn)
+        conn._attach(self._limits)
         members = self._groups.get(group)
         if members is None:
             members = self._groups[group] = {}
             if self.backplane is not None:
                 self.backplane.group_joined(self, group)
         members[conn.id] = conn
-        outbox.groups.add(group)
+        joined = self._memberships.get(conn)
+        if joined is None:
+            joined = self._memberships[conn] = set()
+        joined.add(group)
 
     def leave(self, conn: WebSocketConnection, group: str) -> None:
         """Remove ``conn`` from ``group`` (no error if it was not a member)."""
-        outbox = conn._outbox
-        if outbox is not None and outbox.broadcaster is self:
-            outbox.groups.discard(group)
+        joined = self._memberships.get(conn)
+        if joined is not None:
+            joined.discard(group)
+            if not joined:
+                del self._memberships[conn]
         self._remove_member(conn.id, group)
 
     def members(self, group: str) -> list[WebSocketConnection]:
@@ -478,10 +421,7 @@ class Broadcaster:
 
     def groups_of(self, conn: WebSocketConnection) -> frozenset[str]:
         """The groups ``conn`` is in."""
-        outbox = conn._outbox
-        if outbox is None or outbox.broadcaster is not self:
-            return frozenset()
-        return frozenset(outbox.groups)
+        return frozenset(self._memberships.get(conn, ()))
 
     @property
     def groups(self) -> Mapping[str, int]:
@@ -493,14 +433,6 @@ class Broadcaster:
         """The connections :meth:`send_all` reaches here (a snapshot)."""
         return list(self._connections.values())
 
-    def _outbox_of(self, conn: WebSocketConnection) -> Outbox:
-        outbox = conn._outbox
-        if outbox is None:
-            outbox = conn._outbox = Outbox(self)
-        elif outbox.broadcaster is not self:
-            raise ValueError(f"{conn!r} already belongs to {outbox.broadcaster!r}")
-        return outbox
-
     def _remove_member(self, conn_id: str, group: str) -> None:
         members = self._groups.get(group)
         if members is not None and members.pop(conn_id, None) is not None and not members:
@@ -508,12 +440,12 @@ class Broadcaster:
             if self.backplane is not None:
                 self.backplane.group_left(self, group)
 
-    def _forget(self, conn: WebSocketConnection, outbox: Outbox) -> None:
-        for group in list(outbox.groups):
+    def _connection_closed(self, conn: WebSocketConnection) -> None:
+        """Forget ``conn`` everywhere: it closed (the connection calls this), or was discarded."""
+        for group in self._memberships.pop(conn, ()):
             self._remove_member(conn.id, group)
-        outbox.groups.clear()
-        if self._standalone:
-            self._connections.pop(conn.id, None)
+        if self._standalone and self._connections.get(conn.id) is conn:
+            del self._connections[conn.id]
 
     # -- sending ----------------------------------------------------------------
 
@@ -597,109 +529,32 @@ class Broadcaster:
             one = self._connections.get(envelope.target)
             targets = () if one is None else (one,)
         exclude = envelope.exclude
-        message = envelope.message
-        shared: Frame | None = None
-        shared_size = 0
+        prepared = PreparedMessage(envelope.message)
+        limits = self._limits
         recipients = delivered = dropped = closed = 0
         for conn in targets:
             if exclude and conn.id in exclude:
                 continue
             recipients += 1
-            if conn._proto.shares_frames:
-                if shared is None:
-                    shared = encode_frame(message)
-                    shared_size = _frame_size(shared)
-                outcome = self._deliver_one(conn, message, shared, shared_size)
-            else:
-                outcome = self._deliver_one(conn, message, None, 0)
-            if outcome == _DELIVERED:
+            outcome = conn._offer(prepared, limits)
+            if outcome is _DELIVERED or outcome is _QUEUED:
                 delivered += 1
-            elif outcome == _DROPPED:
+            elif outcome is _DROPPED and self.on_overflow == "drop":
                 dropped += 1
             else:
+                if outcome is _DROPPED:
+                    self._overflow(conn)
                 closed += 1
         self._delivered += delivered
         self._dropped += dropped
         self._closed += closed
         return BroadcastReport(recipients, delivered, dropped, closed)
 
-    def _deliver_one(
-        self, conn: WebSocketConnection, message: Message, frame: Frame | None, size: int
-    ) -> int:
-        proto = conn._proto
-        if proto.state is not _OPEN or conn._transport_closed:
-            return _CLOSED
-        outbox = conn._outbox
-        if outbox is not None and outbox.closing:
-            return _CLOSED
-        lock = conn._send_lock
-        if (outbox is None or not outbox.frames) and (lock is None or not lock.locked()):
-            # Nobody is writing and nothing waits: write now, without blocking.
-            if frame is None:
-                frame = proto.frame_message(message)
-                size = _frame_size(frame)
-            try:
-                sent = conn._transport.try_send(frame)
-            except _TRANSPORT_ERRORS as exc:
-                self._broken(conn, exc)
-                return _CLOSED
-            if sent == size:
-                return _DELIVERED
-            outbox = self._outbox_of(conn)
-            if sent:
-                outbox.put((b"".join(frame) if isinstance(frame, list) else frame)[sent:])
-                outbox.partial = True
-            else:
-                outbox.put(frame)
-            return self._wake(conn, outbox)
-        outbox = self._outbox_of(conn)
-        estimate = size or len(message)
-        if outbox.frames and (
-            outbox.count >= self.max_outbox_messages
-            or outbox.nbytes + estimate > self.max_outbox_bytes
-        ):
-            return self._overflow(conn, outbox)
-        if frame is None:
-            # A compression context advances only for a frame that will be sent.
-            frame = proto.frame_message(message)
-        outbox.put(frame)
-        return self._wake(conn, outbox)
-
-    def _wake(self, conn: WebSocketConnection, outbox: Outbox) -> int:
-        lot = outbox.lot
-        if lot is not None:
-            lot.unpark()
-            return _DELIVERED
-        if not _start_soon(conn, _outbox_writer, conn, outbox, name="wsnursery outbox writer"):
-            outbox.take()
-            return _CLOSED
-        outbox.lot = ParkingLot()  # the writer reads it when it first runs
-        return _DELIVERED
-
-    def _overflow(self, conn: WebSocketConnection, outbox: Outbox) -> int:
-        if self.on_overflow == "drop":
-            return _DROPPED
-        # "close": what is queued will never be read in time; keep only a frame
-        # already partly written (the stream must stay in sync for the close frame).
+    def _overflow(self, conn: WebSocketConnection) -> None:
+        # "close": what is queued will never be read in time.
         self._overflow_closes += 1
-        outbox.closing = True
-        logger.info(
-            "closing %s: its outbox is full (%d frames, %d bytes)",
-            conn,
-            outbox.count,
-            outbox.nbytes,
-        )
-        partial = outbox.partial
-        frames = outbox.take()
-        if partial:
-            outbox.put(frames[0])
-            outbox.partial = True
-        _start_soon(conn, conn.aclose, self.overflow_close_code, self.overflow_close_reason)
-        return _CLOSED
-
-    def _broken(self, conn: WebSocketConnection, exc: BaseException) -> None:
-        conn._proto.send_failed(f"transport failed while broadcasting: {exc!r}")
-        _start_soon(conn, _close_transport_shielded, conn)
+        frames, nbytes = conn._shed(self.overflow_close_code, self.overflow_close_reason)
+        logger.info("closing %s: its outbox is full (%d frames, %d bytes)", conn, frames, nbytes)
 
     # -- statistics ---------------------------------------------------------------
 
@@ -708,34 +563,13 @@ class Broadcaster:
         return BroadcastStats(
             connections=len(self._connections),
             groups=len(self._groups),
-            queued_messages=self._queued_messages,
-            queued_bytes=self._queued_bytes,
+            queued_messages=self._limits.queued_messages,
+            queued_bytes=self._limits.queued_bytes,
             delivered=self._delivered,
             dropped=self._dropped,
             closed=self._closed,
             overflow_closes=self._overflow_closes,
         )
-
-
-def _start_soon(
-    conn: WebSocketConnection,
-    async_fn: Callable[..., Awaitable[object]],
-    *args: object,
-    name: str | None = None,
-) -> bool:
-    """Start a task in ``conn``'s nursery; False when it has none or it is closing."""
-    nursery = conn._nursery
-    if nursery is None:
-        return False
-    try:
-        nursery.start_soon(async_fn, *args, name=name)
-    except RuntimeError:  # the connection's nursery is closing
-        return False
-    return True
-
-
-async def _close_transport_shielded(conn: WebSocketConnection) -> None:
-    await _shielded(conn._close_transport())
 
 
 def _message(message: Message | bytearray | memoryview) -> Message:

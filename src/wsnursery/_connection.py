@@ -11,31 +11,40 @@ caller provides (the server's per-connection nursery, or the one
 ``open_websocket`` opens), and neither ever raises: a failure is recorded as the
 close reason and ends the connection.
 
+Both read loops, the reader of the function API (``_reader``) and the hook
+loop of a handler object (``_dispatch``), are made of one *read step*,
+``_read_once``: read, feed the protocol, flush its answers, wake the waiters.
 A read only waits when the socket is empty, so a peer that keeps it full would
 keep a read loop from ever yielding: the protocol parses at most WORK_BUDGET
-frames (or 1 MiB) per step, and both read loops (``_reader``, ``_dispatch``)
-reach a schedule point before the next step.
+frames (or 1 MiB) per step, and the step reaches a schedule point when that
+budget is spent.
 
 Receiving is bounded: when ``max_queue`` messages wait unread, the reader stops
 reading the socket, so TCP flow control slows the peer down. Frames that came in
 the same read as the message that filled the queue (pings, the close frame) are
 still answered.
 
-Sending frames a message and writes it in the caller's task. On a plain TCP
-socket the write is a non-blocking ``send()``; only when the kernel buffer is full
-does the caller wait (for writability), holding a FIFO lock so that frames never
-interleave. A send cancelled after part of a frame went out leaves the
-connection BROKEN and closed: the stream cannot be resynchronised.
+The connection owns every byte it writes, through one path: ``_write_nowait``
+frames and writes at once, without blocking, when nobody holds the send lock and
+no frame waits in the outbox. On a plain TCP socket that is one non-blocking
+``write``/``writev``. What the socket does not take, a waiting sender
+(``send_message``, ping, pong, the close frame) writes in its own task, holding
+a FIFO lock so that frames never interleave; a sender that never waits (a
+broadcaster, through ``_offer``) queues it in the connection's outbox, which an
+outbox writer task writes in order. Whoever writes takes the outbox first. A
+send cancelled after part of a frame went out leaves the connection BROKEN and
+closed: the stream cannot be resynchronised.
 """
 
 from __future__ import annotations
 
+import enum
 import itertools
 import logging
 import math
 import os
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 import trio
 from trio.lowlevel import (
@@ -49,11 +58,17 @@ from trio.lowlevel import (
 
 from ._sansio.exceptions import CloseCode, CloseReason, ConnectionClosed
 from ._sansio.headers import split_target
-from ._sansio.protocol import WORK_BUDGET, Frame, Message, Protocol, ProtocolState
+from ._sansio.protocol import (
+    WORK_BUDGET,
+    Frame,
+    Message,
+    Protocol,
+    ProtocolState,
+    encode_frame,
+)
 from ._util import LazyAddresses
 
 if TYPE_CHECKING:
-    from ._broadcast import Outbox
     from ._handler import WebSocketHandler
     from ._sansio.headers import Headers
 
@@ -83,6 +98,135 @@ _NO_LOT = ParkingLot()
 
 def _frame_size(frame: Frame) -> int:
     return sum(len(part) for part in frame) if isinstance(frame, list) else len(frame)
+
+
+class _Busy(enum.Enum):
+    BUSY = "busy"
+
+
+#: ``_write_nowait``'s answer when someone else is writing or frames wait.
+_BUSY: Final = _Busy.BUSY
+#: What ``_write_nowait`` left: None (all written), _BUSY, or (frame, bytes sent).
+_Rest = tuple[Frame, int] | _Busy | None
+
+
+class Delivery(enum.Enum):
+    """What :meth:`WebSocketConnection._offer` did with a frame."""
+
+    DELIVERED = "delivered"  # the socket took all of it
+    QUEUED = "queued"  # queued in the outbox; the outbox writer writes it in order
+    DROPPED = "dropped"  # not taken: the outbox is full (the caller's policy decides)
+    CLOSED = "closed"  # the connection is closing or closed
+
+
+_DELIVERED = Delivery.DELIVERED
+_QUEUED = Delivery.QUEUED
+_DROPPED = Delivery.DROPPED
+_CLOSED = Delivery.CLOSED
+
+
+class OutboxLimits:
+    """What one sender of non-waiting frames (a broadcaster) gives every connection it offers to.
+
+    The bounds of each connection's outbox, the totals queued over all of them
+    (the outboxes keep these counts), and ``on_closed``, called once with the
+    connection when a connection whose outbox it made closes. ``owner`` only
+    names the sender in an error.
+    """
+
+    __slots__ = (
+        "max_bytes",
+        "max_messages",
+        "on_closed",
+        "owner",
+        "queued_bytes",
+        "queued_messages",
+    )
+
+    def __init__(
+        self,
+        max_messages: int,
+        max_bytes: int,
+        on_closed: Callable[[WebSocketConnection], None],
+        owner: object = None,
+    ) -> None:
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self.on_closed = on_closed
+        self.owner = owner
+        self.queued_messages = 0
+        self.queued_bytes = 0
+
+
+class PreparedMessage:
+    """A message to offer to many connections, framed once for all that share frames.
+
+    A server frame is unmasked and, without compression, the same for every
+    connection: it is encoded on first need and reused.
+    """
+
+    __slots__ = ("frame", "message", "size")
+
+    def __init__(self, message: Message) -> None:
+        self.message = message
+        self.frame: Frame | None = None
+        self.size = 0
+
+    def shared(self) -> Frame:
+        frame = self.frame
+        if frame is None:
+            frame = self.frame = encode_frame(self.message)
+            self.size = _frame_size(frame)
+        return frame
+
+
+class _Outbox:
+    """Frames waiting for one connection's socket, written in order by its outbox writer.
+
+    ``partial`` says the first queued buffer is the rest of a frame the socket
+    took only part of: it must be written before anything else, whatever the
+    overflow policy does. ``closing``: the sender's policy is closing the
+    connection; nothing more is queued.
+    """
+
+    __slots__ = ("closing", "count", "frames", "limits", "lot", "nbytes", "partial")
+
+    def __init__(self, limits: OutboxLimits) -> None:
+        self.limits = limits
+        self.frames: list[bytes | bytearray] = []
+        self.count = 0
+        self.nbytes = 0
+        self.partial = False
+        self.lot: ParkingLot | None = None  # set once the outbox writer is started
+        self.closing = False
+
+    def put(self, frame: Frame) -> None:
+        if isinstance(frame, list):
+            self.frames.extend(frame)
+        else:
+            self.frames.append(frame)
+        size = _frame_size(frame)
+        self.count += 1
+        self.nbytes += size
+        limits = self.limits
+        limits.queued_bytes += size
+        limits.queued_messages += 1
+
+    def take(self, last: Frame | None = None) -> list[bytes | bytearray]:
+        """Everything queued (then ``last``), leaving the outbox empty."""
+        frames = self.frames
+        self.frames = []
+        limits = self.limits
+        limits.queued_bytes -= self.nbytes
+        limits.queued_messages -= self.count
+        self.nbytes = self.count = 0
+        self.partial = False
+        if last is not None:
+            if isinstance(last, list):
+                frames.extend(last)
+            else:
+                frames.append(last)
+        return frames
 
 
 class _Transport:
@@ -135,16 +279,22 @@ class _SocketTransport(_Transport):
         self.fd = stream.socket.fileno()
 
     async def receive(self) -> bytes | bytearray | memoryview:
-        while True:
-            fd = self.fd
-            if fd < 0:
-                raise trio.ClosedResourceError("connection closed")
-            try:
-                n = os.readv(fd, _SHARED_BUFFERS)
-            except BlockingIOError:
-                await wait_readable(fd)
-                continue
-            return _SHARED_VIEW[:n]
+        data = self.receive_nowait()
+        while data is None:
+            await wait_readable(self.fd)
+            data = self.receive_nowait()
+        return data
+
+    def receive_nowait(self) -> memoryview | None:
+        """What the socket holds (in the shared buffer: use it before any await), or None."""
+        fd = self.fd
+        if fd < 0:
+            raise trio.ClosedResourceError("connection closed")
+        try:
+            n = os.readv(fd, _SHARED_BUFFERS)
+        except BlockingIOError:
+            return None
+        return _SHARED_VIEW[:n]
 
     def try_send(self, data: Frame) -> int:
         fd = self.fd
@@ -230,12 +380,11 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
         "_message_lot",
         "_nursery",
         "_outbox",
-        "_paused_during_ping",
+        "_pauses",
         "_ping_interval",
         "_ping_timeout",
         "_pings",
         "_proto",
-        "_reader_paused",
         "_send_lock",
         "_stream",
         "_trailing",
@@ -301,13 +450,16 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
         # Made on first need: most sends never wait for the socket.
         self._send_lock: trio.StrictFIFOLock | None = None
         # Broadcast frames waiting for the socket, made on first need (see
-        # _broadcast.py): whoever writes next writes these first.
-        self._outbox: Outbox | None = None
+        # _offer): whoever writes next writes these first.
+        self._outbox: _Outbox | None = None
         self._pings: dict[bytes, trio.Event] = {}
         self._finished = trio.Event()
         self._transport_closed = False
-        self._reader_paused = False
-        self._paused_during_ping = False
+        # Counts the reader's pauses, each begun and ended (odd: paused now).
+        # The keep-alive compares it across a ping: a reader that paused at
+        # any time during the ping may have missed the pong through no fault
+        # of the peer.
+        self._pauses = 0
         self._calls_since_yield = 0
         self._keepalive_busy = False
         self._nursery: trio.Nursery | None = None
@@ -374,36 +526,27 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
             nursery.start_soon(self._keepalive, name="wsnursery keep-alive")
 
     async def _reader(self) -> None:
+        """The function API's reader: read steps until the end, pausing on a full queue."""
         proto = self._proto
-        transport = self._transport
         try:
             if self._trailing:
-                proto.receive_data(self._trailing)
-                self._trailing = b""
-                await self._after_receive()
+                trailing, self._trailing = self._trailing, b""
+                await self._read_once(trailing)
             while not self._transport_closed:
-                if proto.state is ProtocolState.CLOSED and not proto.transport_should_close:
+                if proto.transport_should_close:
+                    await self._close_transport()
+                    break
+                if proto.state is ProtocolState.CLOSED:
                     # The client waits for the server to close TCP (RFC 6455
                     # 7.1.1), but not for longer than close_timeout.
                     await self._wait_for_eof()
                     break
                 if len(proto.messages) >= self._max_queue and proto.state is _OPEN:
-                    self._reader_paused = self._paused_during_ping = True
+                    self._pauses += 1
                     await self._message_lot.park()
-                    self._reader_paused = False
+                    self._pauses += 1
                     continue
-                if proto.budget <= 0:
-                    # A peer that keeps the socket full never makes the read
-                    # wait: yield every WORK_BUDGET frames (or 1 MiB) instead.
-                    await checkpoint()
-                    proto.resume()
-                else:
-                    data = await transport.receive()
-                    proto.receive_data(data)
-                if proto._out or proto.pongs or proto.transport_should_close:
-                    await self._after_receive()
-                elif proto.messages and self._message_lot:
-                    self._message_lot.unpark_all()
+                await self._read_once()
         except _TRANSPORT_ERRORS as exc:
             if not self._transport_closed:
                 logger.debug("transport failed: %r", exc)
@@ -411,6 +554,50 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
         finally:
             # Cancelled or done: the connection ends with this task.
             await self._close_transport()
+
+    async def _read_once(self, data: bytes | memoryview | None = None) -> None:
+        """One read step: read, feed the protocol, flush its answers, wake the waiters.
+
+        Both read loops (``_reader``, ``_dispatch``) are made of these steps,
+        and ``data`` given (bytes that came with the handshake) is fed instead
+        of a read. The protocol parses at most WORK_BUDGET frames (or 1 MiB)
+        per step: when the budget is spent, the step is a schedule point and
+        parsing resumes, so a peer that keeps the socket full (and the read
+        from ever waiting) cannot starve other tasks. Pongs and the close echo
+        are written before anything else happens on the connection, in the
+        order the pings came. Closing the transport once the protocol says so
+        is left to the loop: a handler object still gets the messages that
+        came before the close frame.
+        """
+        proto = self._proto
+        if data is not None:
+            proto.receive_data(data)
+        elif proto.budget <= 0:
+            await checkpoint()
+            proto.resume()
+        else:
+            transport = self._transport
+            if type(transport) is _SocketTransport:
+                # _SocketTransport.receive, with the wait in this frame: every
+                # idle connection holds its task's stack, one frame less.
+                data = transport.receive_nowait()
+                while data is None:
+                    await wait_readable(transport.fd)
+                    proto.budget = WORK_BUDGET  # we waited: that was a schedule point
+                    data = transport.receive_nowait()
+                proto.receive_data(data)
+            else:
+                proto.receive_data(await transport.receive())
+        if proto._out:
+            try:
+                await self._write(proto.data_to_send())
+            except ConnectionClosed:
+                pass
+        if proto.pongs:
+            self._ack_pongs()
+        lot = self._message_lot
+        if proto.messages and lot is not _NO_LOT and lot:
+            lot.unpark_all()
 
     # -- handler objects: one task reads and calls the hooks -----------------
 
@@ -423,63 +610,31 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
         self._handler = handler
         self._dispatch_task = trio.lowlevel.current_task()
         proto = self._proto
-        transport = self._transport
-        fd_mode = type(transport) is _SocketTransport
         try:
             if await self._call_hook(handler.on_connect) and self._trailing:
-                proto.receive_data(self._trailing)
-                self._trailing = b""
+                trailing, self._trailing = self._trailing, b""
+                await self._read_once(trailing)
             while not self._transport_closed:
-                if proto._out:
-                    # Pongs (and a close echo) first: a ping answered in the order
-                    # it came, before the replies to messages that came after it.
-                    try:
-                        await self._write(proto.data_to_send())
-                    except ConnectionClosed:
-                        pass
-                    continue
                 if proto.messages or (
                     proto.close_received is not None and not self._close_hook_done
                 ):
                     await self._deliver()
                     continue
-                if proto.pongs or proto.transport_should_close:
-                    await self._after_receive()
-                    continue
+                if proto.transport_should_close:
+                    await self._close_transport()
+                    break
                 if proto.state is ProtocolState.CLOSED:
                     await self._wait_for_eof()
                     break
-                if proto.budget <= 0:
-                    # The socket kept us busy since the last wait: let other
-                    # tasks run before parsing on (see Protocol.receive_data).
-                    await checkpoint()
-                    proto.resume()
-                    continue
                 if proto.state is ProtocolState.CLOSING:
                     # We sent the close frame (a hook failed, or aclose from a
                     # hook): wait for the answer, but not forever.
                     with trio.move_on_at(self._close_deadline) as scope:
-                        data = await transport.receive()
+                        await self._read_once()
                     if scope.cancelled_caught:
                         break
-                elif fd_mode:
-                    # _SocketTransport.receive, inlined: every idle connection
-                    # holds this task's stack, and this saves one frame of it.
-                    while True:
-                        fd = transport.fd  # type: ignore[attr-defined]
-                        if fd < 0:
-                            raise trio.ClosedResourceError("connection closed")
-                        try:
-                            n = os.readv(fd, _SHARED_BUFFERS)
-                        except BlockingIOError:
-                            await wait_readable(fd)
-                            proto.budget = WORK_BUDGET  # we waited: a schedule point
-                            continue
-                        data = _SHARED_VIEW[:n]
-                        break
                 else:
-                    data = await transport.receive()
-                proto.receive_data(data)
+                    await self._read_once()
         except _TRANSPORT_ERRORS as exc:
             if not self._transport_closed:
                 proto.fail(CloseCode.ABNORMAL_CLOSURE, f"transport failed: {exc!r}")
@@ -502,14 +657,15 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
         proto = self._proto
         messages = proto.messages
         # While a hook runs nothing is read: the keep-alive must not blame the peer.
-        self._reader_paused = self._paused_during_ping = True
+        self._pauses += 1
         try:
             while messages:
                 message = messages.popleft()
                 sent = proto.close_sent
                 if sent is not None and not sent.initiated_by_peer:
                     continue  # we are closing (a hook failed or closed): drop the rest
-                handler = self._hooks()
+                handler = self._handler
+                assert handler is not None
                 if type(message) is str:
                     await self._call_hook(handler.on_text, message)
                 else:
@@ -518,7 +674,12 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
                 self._close_hook_done = True
                 await self._call_hook(self._hooks().on_close_message, proto.close_received)
         finally:
-            self._reader_paused = False
+            self._pauses += 1
+
+    @property
+    def _reader_paused(self) -> bool:
+        """True while the reader does not read: a full queue, or a hook running."""
+        return bool(self._pauses & 1)
 
     def _hooks(self) -> WebSocketHandler:
         assert self._handler is not None
@@ -662,21 +823,6 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
             while await self._transport.receive():
                 await checkpoint()
 
-    async def _after_receive(self) -> None:
-        proto = self._proto
-        out = proto.data_to_send()
-        if out:
-            try:
-                await self._write(out)
-            except ConnectionClosed:
-                pass
-        if proto.messages and self._message_lot:
-            self._message_lot.unpark_all()
-        if proto.pongs:
-            self._ack_pongs()
-        if proto.transport_should_close:
-            await self._close_transport()
-
     def _ack_pongs(self) -> None:
         # A pong acknowledges its ping and every ping sent before it.
         pongs = self._proto.pongs
@@ -709,7 +855,7 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
         if self._ping_interval is None or self._proto.state is not _OPEN or self._keepalive_busy:
             return False
         lock = self._send_lock
-        return (lock is not None and lock.locked()) or not self._reader_paused
+        return (lock is not None and lock.locked()) or not self._pauses & 1
 
     async def _keepalive_once(self) -> None:
         """Ping; if no pong comes within ping_timeout, fail the connection with 1011.
@@ -719,7 +865,7 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
         within ping_timeout is failed with 1011 the same way.
         """
         self._keepalive_busy = True
-        self._paused_during_ping = False
+        pauses = self._pauses
         lock = self._send_lock
         if lock is not None and lock.locked():
             try:
@@ -734,7 +880,7 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
             return
         finally:
             self._keepalive_busy = False
-        if scope.cancelled_caught and not self._paused_during_ping:
+        if scope.cancelled_caught and self._pauses == pauses:
             logger.info("keep-alive ping timeout on %s; closing", self.remote)
             await self._fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
 
@@ -769,6 +915,9 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
                     pass
         await self._close_transport()
 
+    async def _close_transport_shielded(self) -> None:
+        await _shielded(self._close_transport())
+
     async def _close_transport(self, why: str = "connection closed") -> None:
         """Close the stream and wake every waiter. Idempotent; never blocks long."""
         if self._transport_closed:
@@ -779,8 +928,12 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
             proto.abort(why)
         await self._transport.close()
         self._finished.set()
-        if self._outbox is not None:
-            self._outbox.connection_closed(self)
+        outbox = self._outbox
+        if outbox is not None:
+            outbox.take()
+            if outbox.lot is not None:
+                outbox.lot.unpark_all()
+            outbox.limits.on_closed(self)
         self._message_lot.unpark_all()
         for event in self._pings.values():
             event.set()  # ping() sees its payload still registered: closed
@@ -790,6 +943,26 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
     async def _write(self, data: bytes) -> None:
         """Write bytes already framed (pongs, close frames) in order with the rest."""
         await self._send_frame(bytes, data)
+
+    def _write_nowait(self, make_frame: Callable[[Any], Frame] | None, arg: Any) -> _Rest:
+        """The one "write now": frame and write what the socket takes, without blocking.
+
+        Only when nobody holds the send lock and nothing waits in the outbox;
+        otherwise nothing is framed and the answer is ``_BUSY`` (the caller
+        waits its turn, or queues). ``make_frame`` None: ``arg`` is the frame.
+        None: the socket took the whole frame. Otherwise the frame and how
+        many bytes of it the socket took; the caller owns the rest. Raises the
+        transport's errors.
+        """
+        lock = self._send_lock
+        outbox = self._outbox
+        if (lock is not None and lock.locked()) or (outbox is not None and outbox.frames):
+            return _BUSY
+        frame = arg if make_frame is None else make_frame(arg)
+        sent = self._transport.try_send(frame)
+        if sent == (len(frame) if type(frame) is bytes else _frame_size(frame)):
+            return None
+        return frame, sent
 
     async def _send_frame(self, make_frame: Callable[[Any], Frame], arg: Any) -> None:
         """Frame with ``make_frame(arg)`` and write it, in order with every other frame.
@@ -802,16 +975,17 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
         """
         if self._transport_closed:
             raise self._closed_error()
-        lock = self._send_lock
-        outbox = self._outbox
-        if (lock is None or not lock.locked()) and (outbox is None or not outbox.frames):
-            data = make_frame(arg)
-            try:
-                sent = self._transport.try_send(data)
-            except _TRANSPORT_ERRORS as exc:
-                await self._send_broke(exc)
-            if sent != _frame_size(data):
-                await self._finish_send(data, sent)
+        try:
+            rest = self._write_nowait(make_frame, arg)
+        except _TRANSPORT_ERRORS as exc:
+            await self._send_broke(exc)
+        if rest is not None:
+            await self._send_rest(rest, make_frame, arg)
+
+    async def _send_rest(self, rest: _Rest, make_frame: Callable[[Any], Frame], arg: Any) -> None:
+        """What a waiting sender does when ``_write_nowait`` did not write it all."""
+        if isinstance(rest, tuple):
+            await self._finish_send(*rest)
             return
         lock = self._writing_lock()
         await lock.acquire()  # cancelled while queued: nothing framed, nothing lost
@@ -827,6 +1001,137 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
                 await self._transmit(data, droppable=self._proto.frames_droppable)
         finally:
             lock.release()
+
+    # -- frames offered by a sender that never waits (a broadcaster) ----------
+
+    def _attach(self, limits: OutboxLimits) -> None:
+        """Let ``limits``' sender queue here (and hear of the close); only one ever may.
+
+        Raises:
+            ConnectionClosed: the connection is closing or closed.
+            ValueError: another sender's outbox is already attached.
+        """
+        if self._proto.state is not _OPEN or self._transport_closed:
+            raise self._closed_error()
+        self._outbox_for(limits)
+
+    def _outbox_for(self, limits: OutboxLimits) -> _Outbox:
+        outbox = self._outbox
+        if outbox is None:
+            outbox = self._outbox = _Outbox(limits)
+        elif outbox.limits is not limits:
+            raise ValueError(f"{self!r} already belongs to {outbox.limits.owner!r}")
+        return outbox
+
+    def _offer(self, prepared: PreparedMessage, limits: OutboxLimits) -> Delivery:
+        """Write ``prepared`` now, or queue it for the outbox writer; never wait.
+
+        The non-waiting twin of :meth:`_send_frame`: the same order (whoever
+        writes takes the outbox first, holding the send lock), the same
+        framing rule (a compressed frame is framed when it is queued, the
+        order it is written in). A full outbox takes nothing: DROPPED, and the
+        sender's policy decides (see :meth:`_shed`).
+        """
+        proto = self._proto
+        if proto.state is not _OPEN or self._transport_closed:
+            return _CLOSED
+        outbox = self._outbox
+        if outbox is not None and outbox.closing:
+            return _CLOSED
+        try:
+            if proto.shares_frames:
+                # Encoded once for every connection that shares it.
+                frame = prepared.frame
+                rest = self._write_nowait(None, prepared.shared() if frame is None else frame)
+            else:
+                rest = self._write_nowait(proto.frame_message, prepared.message)
+        except _TRANSPORT_ERRORS as exc:
+            proto.send_failed(f"transport failed while broadcasting: {exc!r}")
+            self._spawn(self._close_transport_shielded)
+            return _CLOSED
+        if rest is None:
+            return _DELIVERED
+        if isinstance(rest, tuple):
+            frame, sent = rest
+            outbox = self._outbox_for(limits)
+            if sent:
+                outbox.put((b"".join(frame) if isinstance(frame, list) else frame)[sent:])
+                outbox.partial = True
+            else:
+                outbox.put(frame)
+            return self._wake_writer(outbox)
+        outbox = self._outbox_for(limits)
+        if proto.shares_frames:
+            shared: Frame | None = prepared.shared()
+            estimate = prepared.size
+        else:
+            shared = None
+            estimate = len(prepared.message)
+        if outbox.frames and (
+            outbox.count >= limits.max_messages or outbox.nbytes + estimate > limits.max_bytes
+        ):
+            return _DROPPED
+        # A compression context advances only for a frame that will be sent.
+        outbox.put(proto.frame_message(prepared.message) if shared is None else shared)
+        return self._wake_writer(outbox)
+
+    def _wake_writer(self, outbox: _Outbox) -> Delivery:
+        lot = outbox.lot
+        if lot is not None:
+            lot.unpark()
+            return _QUEUED
+        if not self._spawn(self._outbox_writer, outbox, name="wsnursery outbox writer"):
+            outbox.take()
+            return _CLOSED
+        outbox.lot = ParkingLot()  # the writer reads it when it first runs
+        return _QUEUED
+
+    async def _outbox_writer(self, outbox: _Outbox) -> None:
+        """Write what the outbox holds whenever it holds something, until the connection ends."""
+        lot = outbox.lot
+        assert lot is not None
+        try:
+            while not self._transport_closed:
+                if not outbox.frames:
+                    await lot.park()
+                    continue
+                async with self._writing_lock():
+                    if outbox.frames and not self._transport_closed:
+                        await self._transmit(outbox.take())
+        except ConnectionClosed:
+            pass
+
+    def _shed(self, code: int, reason: str) -> tuple[int, int]:
+        """Close for a sender whose frames pile up: drop the queue, start closing.
+
+        Keeps only a frame already partly written (the stream must stay in
+        sync for the close frame). Returns the frames and bytes that were
+        queued.
+        """
+        outbox = self._outbox
+        assert outbox is not None
+        outbox.closing = True
+        queued = (outbox.count, outbox.nbytes)
+        partial = outbox.partial
+        frames = outbox.take()
+        if partial:
+            outbox.put(frames[0])
+            outbox.partial = True
+        self._spawn(self.aclose, code, reason)
+        return queued
+
+    def _spawn(
+        self, async_fn: Callable[..., Awaitable[object]], *args: object, name: str | None = None
+    ) -> bool:
+        """Start a task in this connection's nursery; False when it has none or it is closing."""
+        nursery = self._nursery
+        if nursery is None:
+            return False
+        try:
+            nursery.start_soon(async_fn, *args, name=name)
+        except RuntimeError:  # the connection's nursery is closing
+            return False
+        return True
 
     def _writing_lock(self) -> trio.StrictFIFOLock:
         """The lock held by whoever writes frames, made on first need."""
@@ -911,19 +1216,13 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
         proto = self._proto
         if proto.state is not _OPEN or self._transport_closed:
             raise self._closed_error()
-        lock = self._send_lock
-        outbox = self._outbox
-        if (lock is not None and lock.locked()) or (outbox is not None and outbox.frames):
-            await self._send_frame(self._frame_message, message)
-        else:
-            # The common case, inline: frame and write without blocking.
-            data = proto.frame_message(message)
-            try:
-                sent = self._transport.try_send(data)
-            except _TRANSPORT_ERRORS as exc:
-                await self._send_broke(exc)
-            if sent != (len(data) if type(data) is bytes else _frame_size(data)):
-                await self._finish_send(data, sent)
+        # _send_frame, inline: the common case costs no coroutine.
+        try:
+            rest = self._write_nowait(proto.frame_message, message)
+        except _TRANSPORT_ERRORS as exc:
+            await self._send_broke(exc)
+        if rest is not None:
+            await self._send_rest(rest, self._frame_message, message)
         self._calls_since_yield += 1
         if self._calls_since_yield >= _YIELD_EVERY:
             self._calls_since_yield = 0
@@ -964,7 +1263,7 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
                 continue
             await self._message_lot.park()
         message = messages.popleft()
-        if self._reader_paused and len(messages) < self._max_queue:
+        if self._pauses & 1 and len(messages) < self._max_queue:
             self._message_lot.unpark_all()
         self._calls_since_yield += 1
         if self._calls_since_yield >= _YIELD_EVERY:
