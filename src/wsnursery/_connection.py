@@ -57,7 +57,7 @@ from trio.lowlevel import (
 )
 
 from ._sansio.exceptions import CloseCode, CloseReason, ConnectionClosed
-from ._sansio.headers import split_target
+from ._sansio.headers import TargetParts
 from ._sansio.protocol import (
     WORK_BUDGET,
     Frame,
@@ -330,7 +330,7 @@ def _make_transport(stream: trio.abc.Stream) -> _Transport:
     return _Transport(stream)
 
 
-class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
+class WebSocketConnection(TargetParts, LazyAddresses, trio.abc.AsyncResource):
     """An open WebSocket connection (either side).
 
     Made by the server when a handler accepts a request, and by
@@ -500,16 +500,6 @@ class WebSocketConnection(LazyAddresses, trio.abc.AsyncResource):
     def state(self) -> ProtocolState:
         """OPEN, CLOSING, CLOSED or BROKEN (see :class:`ProtocolState`)."""
         return self._proto.state
-
-    @property
-    def url_path(self) -> str:
-        """The path part of :attr:`path`, without the query (``/chat``)."""
-        return split_target(self.path)[0]
-
-    @property
-    def query_string(self) -> str:
-        """The raw query of :attr:`path`, after the ``?`` (``room=1``; ``""`` if none)."""
-        return split_target(self.path)[1]
 
     # -- background tasks ----------------------------------------------------
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ._sansio.headers import HeaderPairs, split_target
+from ._sansio.headers import HeaderPairs, TargetParts
 
 if TYPE_CHECKING:
     from ._connection import WebSocketConnection
@@ -277,7 +277,7 @@ class TokenAuth:
 
 
 @dataclass
-class HTTPRequest:
+class HTTPRequest(TargetParts):
     """A plain HTTP request, as an HTTP route's function sees it.
 
     ``path`` is the full request target, query included (``/items/7?full=1``);
@@ -289,16 +289,6 @@ class HTTPRequest:
     query: dict[str, str]
     headers: Any
     path_params: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def url_path(self) -> str:
-        """The path part of :attr:`path`, without the query (``/items/7``)."""
-        return split_target(self.path)[0]
-
-    @property
-    def query_string(self) -> str:
-        """The raw query of :attr:`path`, after the ``?`` (``""`` if none)."""
-        return split_target(self.path)[1]
 
 
 _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")

@@ -10,6 +10,7 @@ from urllib.parse import parse_qsl, urlsplit
 __all__ = [
     "HeaderPairs",
     "Headers",
+    "TargetParts",
     "check_client_request",
     "parse_cookies",
     "parse_query",
@@ -39,6 +40,26 @@ def split_target(target: str) -> tuple[str, str]:
         split = urlsplit(target)
         path, query = split.path, split.query
     return path or "/", query
+
+
+class TargetParts:
+    """``url_path`` and ``query_string``, the parts of a ``path`` that is a full request target.
+
+    For the classes whose ``path`` keeps the query, as trio-websocket's does.
+    """
+
+    __slots__ = ()
+    path: str
+
+    @property
+    def url_path(self) -> str:
+        """The path part of :attr:`path`, without the query (``/chat``)."""
+        return split_target(self.path)[0]
+
+    @property
+    def query_string(self) -> str:
+        """The raw query of :attr:`path`, after the ``?`` (``room=1``; ``""`` if none)."""
+        return split_target(self.path)[1]
 
 
 def parse_query(query_string: str) -> dict[str, str]:
