@@ -53,7 +53,6 @@ from trio.lowlevel import (
     checkpoint,
     checkpoint_if_cancelled,
     wait_readable,
-    wait_writable,
 )
 
 from ._sansio.exceptions import CloseCode, CloseReason, ConnectionClosed
@@ -66,6 +65,7 @@ from ._sansio.protocol import (
     ProtocolState,
     encode_frame,
 )
+from ._transport import SocketTransport, Transport, make_transport
 from ._util import LazyAddresses
 
 if TYPE_CHECKING:
@@ -77,17 +77,9 @@ __all__ = ["WebSocketConnection"]
 logger = logging.getLogger("wsnursery.connection")
 
 _OPEN = ProtocolState.OPEN
-# Large enough that a 64 KiB message and its header arrive in one read.
-_READ_SIZE = 262144
 # Yield to the scheduler at least once every this many calls that did not
 # block, so a tight send or receive loop cannot starve other tasks.
 _YIELD_EVERY = 16
-# One receive buffer shared by every connection in the process: each recv_into
-# is followed by Protocol.receive_data (which copies) with no await between.
-_SHARED_BUFFER = bytearray(_READ_SIZE)
-_SHARED_VIEW = memoryview(_SHARED_BUFFER)
-_SHARED_BUFFERS = [_SHARED_BUFFER]
-
 _TRANSPORT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 _MESSAGE_TYPES = (str, bytes, bytearray, memoryview)
 _ids = itertools.count(1)
@@ -229,107 +221,6 @@ class _Outbox:
         return frames
 
 
-class _Transport:
-    """Moves bytes for a connection over any :class:`trio.abc.Stream`."""
-
-    __slots__ = ("progress", "stream")
-
-    #: True when :attr:`progress` counts every write that moved bytes, so that
-    #: an unchanged count proves nothing of a frame went out.
-    exact_progress = False
-
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream = stream
-        #: Counts the waiting writes that made progress (see ``send``): the
-        #: keep-alive tells a stuck peer from a slow one by it.
-        self.progress = 0
-
-    async def receive(self) -> bytes | bytearray | memoryview:
-        return await self.stream.receive_some(_READ_SIZE)
-
-    async def send(self, data: Frame | memoryview) -> None:
-        await self.stream.send_all(b"".join(data) if isinstance(data, list) else data)
-        self.progress += 1
-
-    def try_send(self, data: Frame) -> int:
-        """Write what fits without blocking; the generic path writes nothing."""
-        return 0
-
-    async def close(self) -> None:
-        await trio.aclose_forcefully(self.stream)
-
-
-class _SocketTransport(_Transport):
-    """The fast path for :class:`trio.SocketStream`: non-blocking syscalls.
-
-    Reads and writes are plain ``readv``/``write``/``writev`` calls on the
-    socket's file descriptor, which trio keeps owning (and closing). Waiting
-    uses ``wait_readable``/``wait_writable``, which closing the socket
-    interrupts with ``ClosedResourceError``. A frame given as header and
-    payload goes out with one ``writev``, so a large payload is never copied
-    to be joined to its header.
-    """
-
-    __slots__ = ("fd",)
-
-    exact_progress = True
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        super().__init__(stream)
-        self.fd = stream.socket.fileno()
-
-    async def receive(self) -> bytes | bytearray | memoryview:
-        data = self.receive_nowait()
-        while data is None:
-            await wait_readable(self.fd)
-            data = self.receive_nowait()
-        return data
-
-    def receive_nowait(self) -> memoryview | None:
-        """What the socket holds (in the shared buffer: use it before any await), or None."""
-        fd = self.fd
-        if fd < 0:
-            raise trio.ClosedResourceError("connection closed")
-        try:
-            n = os.readv(fd, _SHARED_BUFFERS)
-        except BlockingIOError:
-            return None
-        return _SHARED_VIEW[:n]
-
-    def try_send(self, data: Frame) -> int:
-        fd = self.fd
-        if fd < 0:
-            raise trio.ClosedResourceError("connection closed")
-        try:
-            if isinstance(data, list):
-                return os.writev(fd, data)
-            return os.write(fd, data)
-        except BlockingIOError:
-            return 0
-
-    async def send(self, data: Frame | memoryview) -> None:
-        view = memoryview(b"".join(data) if isinstance(data, list) else data)
-        while view:
-            if self.fd < 0:
-                raise trio.ClosedResourceError("connection closed")
-            await wait_writable(self.fd)
-            n = self.try_send(view)  # type: ignore[arg-type]
-            if n:
-                self.progress += 1
-                view = view[n:]
-
-    async def close(self) -> None:
-        # SocketStream.aclose is socket.close() plus a checkpoint: skip the checkpoint.
-        self.fd = -1
-        self.stream.socket.close()  # type: ignore[attr-defined]
-
-
-def _make_transport(stream: trio.abc.Stream) -> _Transport:
-    if type(stream) is trio.SocketStream and isinstance(stream.socket, trio.socket.SocketType):
-        return _SocketTransport(stream)
-    return _Transport(stream)
-
-
 class WebSocketConnection(TargetParts, LazyAddresses, trio.abc.AsyncResource):
     """An open WebSocket connection (either side).
 
@@ -418,7 +309,7 @@ class WebSocketConnection(TargetParts, LazyAddresses, trio.abc.AsyncResource):
         close_timeout: float | None = 10.0,
         local: Any = None,
         remote: Any = None,
-        transport: _Transport | None = None,
+        transport: Transport | None = None,
         user: Any = None,
         server: Any = None,
         conn_id: str | None = None,
@@ -426,7 +317,7 @@ class WebSocketConnection(TargetParts, LazyAddresses, trio.abc.AsyncResource):
         if max_queue < 1:
             raise ValueError("max_queue must be at least 1")
         self._stream = stream
-        self._transport = transport or _make_transport(stream)
+        self._transport = transport or make_transport(stream)
         self._proto = protocol
         self.path = path
         self.query = dict(query or {})
@@ -567,8 +458,8 @@ class WebSocketConnection(TargetParts, LazyAddresses, trio.abc.AsyncResource):
             proto.resume()
         else:
             transport = self._transport
-            if type(transport) is _SocketTransport:
-                # _SocketTransport.receive, with the wait in this frame: every
+            if type(transport) is SocketTransport:
+                # SocketTransport.receive, with the wait in this frame: every
                 # idle connection holds its task's stack, one frame less.
                 data = transport.receive_nowait()
                 while data is None:

@@ -32,7 +32,7 @@ from typing import Any, Generic, TypeAlias, TypedDict, TypeVar, overload
 import trio
 
 from ._broadcast import Backplane, Broadcaster, OverflowPolicy
-from ._connection import WebSocketConnection, _make_transport, _timeout, _Transport
+from ._connection import WebSocketConnection, _timeout
 from ._handler import (
     Accept,
     Authenticator,
@@ -51,6 +51,7 @@ from ._sansio.exceptions import CloseCode, CloseReason, ConnectionClosed
 from ._sansio.handshake import HTTPError, ServerHandshake
 from ._sansio.headers import HeaderPairs, Headers
 from ._sansio.protocol import Protocol
+from ._transport import Transport, make_transport
 from ._util import collapse_exception_groups, graceful_scope
 
 if sys.version_info >= (3, 11):
@@ -539,7 +540,7 @@ class WebSocketServer:
         holds this frame: it keeps few locals, and drops the request before a
         handler object's hooks run.
         """
-        transport = _make_transport(stream)
+        transport = make_transport(stream)
         handshake = ServerHandshake(
             max_request_line=self._options.max_request_line,
             max_header_line=self._options.max_header_line,
@@ -599,7 +600,7 @@ class WebSocketServer:
         self,
         stream: trio.abc.Stream,
         handshake: ServerHandshake,
-        transport: _Transport,
+        transport: Transport,
         nursery: trio.Nursery,
     ) -> _Opened:
         """The opening phase: read the request head, route it, check it.
@@ -752,7 +753,7 @@ class WebSocketServer:
         self,
         stream: trio.abc.Stream,
         handshake: ServerHandshake,
-        transport: _Transport,
+        transport: Transport,
         nursery: trio.Nursery,
         dispatch: bool,
         request: WebSocketRequest,
