@@ -22,7 +22,7 @@ from ._sansio.handshake import ClientHandshake
 from ._sansio.headers import HeaderPairs, check_client_request, parse_query, split_target
 from ._sansio.protocol import Protocol
 from ._tls import SYSTEM, StrPath, TrustStore, client_ssl_context
-from ._util import collapse_exception_groups, graceful_scope, stream_addresses
+from ._util import BlockScope, collapse_exception_groups, graceful_scope, stream_addresses
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
@@ -110,7 +110,7 @@ class BlockExit:
 
     __slots__ = ("_body", "_error")
 
-    def __init__(self, body: trio.CancelScope) -> None:
+    def __init__(self, body: BlockScope) -> None:
         self._body = body
         self._error: BaseException | None = None
 

@@ -57,7 +57,7 @@ from ._sansio.exceptions import (
 from ._sansio.headers import HeaderPairs, check_client_request
 from ._sansio.protocol import ProtocolState
 from ._tls import SYSTEM, StrPath, TrustStore
-from ._util import collapse_exception_groups, graceful_scope
+from ._util import BlockScope, collapse_exception_groups, graceful_scope
 
 if sys.version_info < (3, 11):  # pragma: no cover
     pass  # type: ignore[import-not-found,unused-ignore]
@@ -279,7 +279,7 @@ class ReconnectingWebSocket:
         send_queue_size: int,
         max_events: int,
         rng: Callable[[], float] | None,
-        body: trio.CancelScope | None = None,
+        body: BlockScope | None = None,
     ) -> None:
         if send_policy not in ("wait", "queue", "raise"):
             raise ValueError(f"send_policy must be 'wait', 'queue' or 'raise', not {send_policy!r}")

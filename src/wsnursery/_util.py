@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from types import TracebackType
 from typing import Any, NoReturn
 
 import trio
@@ -13,6 +14,7 @@ if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 
 __all__ = [
+    "BlockScope",
     "LazyAddresses",
     "collapse_exception_groups",
     "collapsed",
@@ -142,27 +144,56 @@ def stream_addresses(stream: trio.abc.Stream) -> tuple[Any, Any]:
         return None, None
 
 
-async def _forward_cancel(body: trio.CancelScope, region: trio.CancelScope) -> None:
+class BlockScope:
+    """The cancel scope of a user's block inside :func:`graceful_scope`.
+
+    A :class:`trio.CancelScope` (entered with ``with``, cancelled with
+    :meth:`cancel`, read with :attr:`cancelled_caught`) that also knows
+    whether it has been entered yet, which trio has no public way to ask.
+    """
+
+    __slots__ = ("_scope", "entered")
+
+    def __init__(self, deadline: float) -> None:
+        self._scope = trio.CancelScope(deadline=deadline)
+        self.entered = False
+
+    def __enter__(self) -> trio.CancelScope:
+        self.entered = True
+        return self._scope.__enter__()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        return self._scope.__exit__(exc_type, exc, tb)
+
+    def cancel(self) -> None:
+        self._scope.cancel()
+
+    @property
+    def cancelled_caught(self) -> bool:
+        return self._scope.cancelled_caught
+
+
+async def _forward_cancel(body: BlockScope, region: trio.CancelScope) -> None:
     try:
         await trio.sleep_forever()
     finally:
         body.cancel()
-        if not _entered(body):
+        if not body.entered:
             # Still setting up (a server connecting its backplane): nothing to
             # close gracefully yet, so let the caller's cancellation in at once.
             region.shield = False
 
 
-def _entered(scope: trio.CancelScope) -> bool:
-    """Whether ``scope`` has been entered (trio has no public way to ask)."""
-    return bool(getattr(scope, "_has_been_entered", True))
-
-
 @asynccontextmanager
-async def graceful_scope() -> AsyncIterator[trio.CancelScope]:
+async def graceful_scope() -> AsyncIterator[BlockScope]:
     """A shielded region whose body still hears the caller's cancellation.
 
-    Yields a cancel scope, ``body``. Everything inside the ``async with`` is
+    Yields a cancel scope, ``body`` (a :class:`BlockScope`). Everything inside the ``async with`` is
     shielded from the caller's cancel scopes, so background tasks started in a
     nursery opened there keep running; when the caller is cancelled, ``body``
     is cancelled instead. Code placed in ``body`` (the user's block) stops as
@@ -179,7 +210,7 @@ async def graceful_scope() -> AsyncIterator[trio.CancelScope]:
     usual.
     """
     async with trio.open_nursery() as watcher:
-        body = trio.CancelScope(deadline=trio.current_effective_deadline())
+        body = BlockScope(trio.current_effective_deadline())
         region = trio.CancelScope(shield=True)
         watcher.start_soon(_forward_cancel, body, region)
         try:
