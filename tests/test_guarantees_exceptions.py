@@ -330,7 +330,6 @@ async def _broadcaster(url: str) -> None:
 async def test_cancel_while_the_backplane_connects_is_prompt(
     start: Callable[[str], Any],
 ) -> None:
-    pytest.importorskip("coredis")
     with trio.fail_after(4):
         async with silent_redis() as url:
             baseline = count_tasks()
