@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import math
 import os
 import signal
 import ssl
@@ -44,7 +43,7 @@ from .._reconnect import (
 from .._sansio.exceptions import CloseReason, ConnectionClosed, HandshakeError, TransportError
 from .._sansio.headers import check_client_request
 from .._tls import NONE, SYSTEM, StrPath, TrustStore
-from . import EXIT_FAILURE, EXIT_USAGE, error, limit, os_error_text, positive_int
+from . import EXIT_FAILURE, EXIT_USAGE, error, limit, os_error_text, positive_int, seconds
 
 __all__ = ["add_command"]
 
@@ -102,7 +101,7 @@ def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     connect.add_argument(
         "--ping-interval",
-        type=_seconds,
+        type=seconds,
         default=20.0,
         metavar="SECONDS",
         help="keep-alive ping interval (default 20; 0 disables)",
@@ -118,17 +117,6 @@ def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "--no-compression", action="store_true", help="do not offer permessage-deflate"
     )
     connect.set_defaults(run=_run)
-
-
-def _seconds(text: str) -> float:
-    """argparse type of ``--ping-interval``: 0 or more seconds."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 <= value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be 0 (off) or more seconds, not {text}")
-    return value
 
 
 def _run(args: argparse.Namespace) -> int:

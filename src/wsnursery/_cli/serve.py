@@ -41,6 +41,7 @@ from . import (
     add_server_options,
     os_error_text,
     positive_int,
+    positive_seconds,
     say,
     stop_gracefully,
     url_host,
@@ -69,16 +70,6 @@ def load_app(spec: str) -> HandlerSpec:
     for part in attr.split("."):
         obj = getattr(obj, part)
     return obj  # type: ignore[no-any-return]
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be positive, not {text}")
-    return value
 
 
 def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -115,7 +106,7 @@ def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     serve.add_argument(
         "--redis-connect-timeout",
-        type=_positive_float,
+        type=positive_seconds,
         metavar="SECONDS",
         default=5.0,
         help="seconds to reach Redis at start before giving up (default 5)",
@@ -131,14 +122,14 @@ def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     serve.add_argument(
         "--start-timeout",
-        type=_positive_float,
+        type=positive_seconds,
         metavar="SECONDS",
         default=60.0,
         help="seconds for every worker to be ready (default 60)",
     )
     serve.add_argument(
         "--stop-timeout",
-        type=_positive_float,
+        type=positive_seconds,
         metavar="SECONDS",
         default=30.0,
         help="seconds the workers get to stop gracefully before they are killed (default 30)",
